@@ -1,0 +1,680 @@
+"""install_guard, the Guard handle, and the bookkeeping of its listeners."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import random
+import re
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.elements import TextClause
+
+from . import _stale
+from ._config import GuardConfig, Mode, parse_mode
+from ._context import current_request
+from ._findings import (
+    CrossThread,
+    Finding,
+    SharedSession,
+    StaleRead,
+    UnsynchronizedWrite,
+)
+from ._targets import Target, resolve_target
+from ._telemetry import Telemetry
+from .exceptions import SessionGuardError, SessionGuardWarning, StaleReadError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from types import FrameType, TracebackType
+
+    from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm.state import InstanceState
+
+__all__ = ["Guard", "GuardStats", "install_from_env", "install_guard"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardStats:
+    """A snapshot of a guard's counters, from :meth:`Guard.stats`."""
+
+    transactions: int = 0
+    commits: int = 0
+    rollbacks: int = 0
+    statements: int = 0
+    identity_map_hits: int = 0
+    verified_objects: int = 0
+    stale_reads: int = 0
+    expire_all_calls: int = 0
+    verification_errors: int = 0
+    max_identity_map_size: int = 0
+    skipped_checks: int = 0
+    """Identity-map hits not checked: reached outside the asyncio greenlet."""
+
+
+_COUNTERS = tuple(field.name for field in dataclasses.fields(GuardStats))
+
+
+class _Counters:
+    """Mutable counters behind :class:`GuardStats`, exact across threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = dict.fromkeys(_COUNTERS, 0)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self.lock:
+            self.values[name] += amount
+
+    def high_water(self, name: str, value: int) -> None:
+        with self.lock:
+            self.values[name] = max(self.values[name], value)
+
+    def snapshot(self) -> GuardStats:
+        with self.lock:
+            return GuardStats(**self.values)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.values = dict.fromkeys(_COUNTERS, 0)
+
+
+class _SessionState:
+    """What one guard knows of one session; lives as long as the session."""
+
+    __slots__ = (
+        "began_at",
+        "request",
+        "statements",
+        "statements_at_begin",
+        "thread",
+        "transaction",
+    )
+
+    def __init__(self) -> None:
+        self.transaction: weakref.ref[SessionTransaction] | None = None
+        self.began_at = 0.0
+        self.statements = 0
+        self.statements_at_begin = 0
+        self.thread = 0
+        self.request: object = None
+
+
+# One guard per target: listening the same function twice on a class target
+# doubles it, and one remove() then leaves an orphan.
+_installed: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
+_installed_lock = threading.Lock()
+
+_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__))
+_OWN_DIR = os.path.dirname(__file__)
+_SKIPPED_DIRS = (_SQLALCHEMY_DIR + os.sep, _OWN_DIR + os.sep)
+_TEXT_WRITE = re.compile(
+    r"^\s*(?:update\s+(?:only\s+)?|delete\s+from\s+(?:only\s+)?|insert\s+(?:or\s+\w+\s+)?into\s+)"
+    r"([`\"\[]?[\w.$]+[`\"\]]?)",
+    re.IGNORECASE,
+)
+
+
+def _user_location() -> str | None:
+    """``file:line`` of the first frame outside SQLAlchemy and sessionguard."""
+    frame: FrameType | None = sys._getframe(1)
+    fallback = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIPPED_DIRS):
+            if "greenlet" not in filename and not filename.startswith("<frozen"):
+                return f"{filename}:{frame.f_lineno}"
+            fallback = fallback or f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return fallback
+
+
+class Guard(_stale.LookupObserver):
+    """
+    The handle of an installed guard.
+
+    Made by :func:`install_guard`; use :meth:`uninstall` (or ``with``) to
+    remove every listener it added.
+    """
+
+    def __init__(self, target: Target, config: GuardConfig) -> None:
+        self._target = target
+        self._config = config
+        self._telemetry = Telemetry(config)
+        self._counters = _Counters()
+        self._findings: collections.deque[Finding] = collections.deque(
+            maxlen=config.max_findings
+        )
+        self._findings_lock = threading.Lock()
+        self._sessions: weakref.WeakKeyDictionary[Session, _SessionState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._listeners: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
+        self._installed = False
+        self._detect = config.detect_stale_reads
+        self._sample_rate = config.sample_rate
+        self._random = random.Random()
+        self._restore_async_maker: Callable[[], None] | None = None
+        self._lookup_hooked = False
+        # The connections of tracked transactions, to attribute Core DML.
+        self._connections: weakref.WeakKeyDictionary[
+            Connection, weakref.ref[Session]
+        ] = weakref.WeakKeyDictionary()
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def config(self) -> GuardConfig:
+        """The configuration this guard was installed with."""
+        return self._config
+
+    @property
+    def installed(self) -> bool:
+        """Whether the guard's listeners are in place."""
+        return self._installed
+
+    @property
+    def target(self) -> str:
+        """A description of what the guard was installed on."""
+        return self._target.description
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings so far, newest last, at most ``config.max_findings``."""
+        with self._findings_lock:
+            return list(self._findings)
+
+    def stats(self) -> GuardStats:
+        """A snapshot of the counters."""
+        return self._counters.snapshot()
+
+    def clear(self) -> None:
+        """Forget the findings and reset the counters."""
+        with self._findings_lock:
+            self._findings.clear()
+        self._counters.reset()
+
+    def verify(self, session: Any) -> list[StaleRead]:
+        """
+        Check every loaded object of *session*'s identity map now.
+
+        *session* may be a Session or an AsyncSession (call it inside
+        ``await async_session.run_sync(lambda s: guard.verify(s))`` for an
+        async driver). Findings are recorded and logged, never raised.
+        """
+        sync_session = getattr(session, "sync_session", session)
+        if not isinstance(sync_session, Session):
+            raise TypeError(
+                f"Guard.verify() needs a Session or AsyncSession, not {session!r}"
+            )
+        hits = [_stale.Hit(state) for state in sync_session.identity_map.all_states()]
+        return self._check(sync_session, hits, raise_stale=False)
+
+    def uninstall(self) -> None:
+        """Remove every listener and hook this guard added; idempotent."""
+        with _installed_lock:
+            if not self._installed:
+                return
+            self._installed = False
+            if _installed.get(self._target.key) is self:
+                del _installed[self._target.key]
+        for target_ref, identifier, function in reversed(self._listeners):
+            target = target_ref()
+            if target is not None and event.contains(target, identifier, function):
+                event.remove(target, identifier, function)
+        self._listeners.clear()
+        if self._lookup_hooked:
+            _stale.release_hooks(self)
+            self._lookup_hooked = False
+        if self._restore_async_maker is not None:
+            self._restore_async_maker()
+            self._restore_async_maker = None
+        self._sessions.clear()
+        self._connections.clear()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.uninstall()
+
+    def __repr__(self) -> str:
+        state = "installed" if self._installed else "uninstalled"
+        return f"<Guard {state} on {self._target.description}>"
+
+    # -- installation -----------------------------------------------------
+
+    def _install(self) -> None:
+        target = self._target
+        if target.async_maker is not None:
+            maker = target.async_maker
+            missing = object()
+            previous = maker.kw.get("sync_session_class", missing)
+            maker.kw["sync_session_class"] = target.listen_on
+
+            def restore() -> None:
+                if previous is missing:
+                    maker.kw.pop("sync_session_class", None)
+                else:
+                    maker.kw["sync_session_class"] = previous
+
+            self._restore_async_maker = restore
+        listen_on = target.listen_on
+        self._listen(listen_on, "after_begin", self._after_begin)
+        self._listen(listen_on, "after_commit", self._after_commit)
+        self._listen(listen_on, "after_rollback", self._after_rollback)
+        self._listen(listen_on, "after_transaction_end", self._after_transaction_end)
+        self._listen(listen_on, "do_orm_execute", self._do_orm_execute)
+        if self._detect:
+            self._listen(Engine, "before_execute", self._before_core_execute)
+        if self._detect or "request" in self._config.expire:
+            self._lookup_hooked = True
+            _stale.acquire_hooks(self)
+        self._installed = True
+
+    def _listen(
+        self, target: Any, identifier: str, function: Callable[..., Any]
+    ) -> None:
+        event.listen(target, identifier, function)
+        self._listeners.append((weakref.ref(target), identifier, function))
+
+    # -- per-session state --------------------------------------------------
+
+    def _state(self, session: Session) -> _SessionState:
+        state = self._sessions.get(session)
+        if state is None:
+            state = self._sessions.setdefault(session, _SessionState())
+        return state
+
+    def _on_engine(self, bind: Engine | Connection) -> bool:
+        return bind.engine is self._target.engine
+
+    # -- transaction listeners -----------------------------------------------
+
+    def _after_begin(
+        self, session: Session, transaction: SessionTransaction, connection: Connection
+    ) -> None:
+        if transaction.parent is not None:
+            return  # a SAVEPOINT inside a transaction we already track
+        if self._target.engine is not None and not self._on_engine(connection):
+            return
+        state = self._state(session)
+        tracked = state.transaction() if state.transaction is not None else None
+        if tracked is transaction:
+            return  # a second bind joining the same transaction
+        state.transaction = weakref.ref(transaction)
+        state.began_at = time.perf_counter()
+        state.thread = threading.get_ident()
+        size = len(session.identity_map)
+        self._counters.add("transactions")
+        self._counters.high_water("max_identity_map_size", size)
+        self._telemetry.transaction_begun(session.hash_key, size)
+        self._connections[connection] = weakref.ref(session)
+        self._check_request(session, state)
+        if "begin" in self._config.expire:
+            self._expire(session, "begin")
+
+    def _tracked(self, session: Session) -> _SessionState | None:
+        """The session's state if its current root transaction is tracked."""
+        state = self._sessions.get(session)
+        if state is None or state.transaction is None:
+            return None
+        if session.in_nested_transaction():
+            return None  # a SAVEPOINT ending, not the transaction
+        if state.transaction() is not session.get_transaction():
+            return None
+        return state
+
+    def _after_commit(self, session: Session) -> None:
+        state = self._tracked(session)
+        if state is None:
+            return
+        if "commit" in self._config.expire and not session.expire_on_commit:
+            self._expire(session, "commit")
+        self._finish(session, state, "commit")
+
+    def _after_rollback(self, session: Session) -> None:
+        state = self._tracked(session)
+        if state is not None:
+            self._finish(session, state, "rollback")
+
+    def _after_transaction_end(
+        self, session: Session, transaction: SessionTransaction
+    ) -> None:
+        # A session closed in the middle of a transaction ends it without
+        # after_commit or after_rollback: the connection is rolled back.
+        if transaction.parent is not None:
+            return
+        state = self._sessions.get(session)
+        tracked = state.transaction if state is not None else None
+        if state is not None and tracked is not None and tracked() is transaction:
+            self._finish(session, state, "rollback")
+
+    def _finish(self, session: Session, state: _SessionState, outcome: str) -> None:
+        state.transaction = None
+        statements = state.statements - state.statements_at_begin
+        state.statements_at_begin = state.statements
+        size = len(session.identity_map)
+        self._counters.add("commits" if outcome == "commit" else "rollbacks")
+        self._counters.high_water("max_identity_map_size", size)
+        self._telemetry.transaction_ended(
+            session.hash_key,
+            outcome,
+            size,
+            statements,
+            time.perf_counter() - state.began_at,
+        )
+
+    # -- expiry ---------------------------------------------------------------
+
+    def _expire(self, session: Session, reason: str) -> None:
+        """``expire_all()`` that leaves objects with unflushed changes alone."""
+        identity_map = session.identity_map
+        keep: set[InstanceState[Any]] = set()
+        for obj in session.deleted:
+            keep.add(instance_state(obj))
+        for obj in session.dirty:
+            if session.is_modified(obj):
+                keep.add(instance_state(obj))
+        expired = 0
+        modified = identity_map._modified
+        for state in identity_map.all_states():
+            if state in keep:
+                continue
+            state._expire(state.dict, modified)
+            expired += 1
+        self._counters.add("expire_all_calls")
+        self._telemetry.expired(session.hash_key, reason, expired, len(keep))
+
+    def _check_request(self, session: Session, state: _SessionState) -> None:
+        """Notice a session that moved into another request context."""
+        request = current_request()
+        if request is None or request is state.request:
+            return
+        previous = state.request
+        state.request = request
+        if previous is None:
+            return
+        expire = "request" in self._config.expire
+        pending = (
+            len(session.new)
+            + len(session.deleted)
+            + sum(1 for obj in session.dirty if session.is_modified(obj))
+        )
+        if pending or not expire:
+            self._record(
+                SharedSession(
+                    session_id=session.hash_key,
+                    location=_user_location(),
+                    request_id=request.request_id,
+                    previous_request_id=getattr(previous, "request_id", None),
+                    pending_objects=pending,
+                )
+            )
+        if expire:
+            self._expire(session, "request")
+
+    # -- statements -----------------------------------------------------------
+
+    def _do_orm_execute(self, orm_state: ORMExecuteState) -> Any:
+        session = orm_state.session
+        if self._target.engine is not None and not self._on_engine(
+            session.get_bind(**orm_state.bind_arguments)
+        ):
+            return None
+        state = self._state(session)
+        state.statements += 1
+        self._counters.add("statements")
+        if state.transaction is not None and state.thread != threading.get_ident():
+            self._cross_thread(session, state)
+        self._check_request(session, state)
+        if not self._detect:
+            return None
+        if self._sample_rate < 1.0 and self._random.random() >= self._sample_rate:
+            return None
+        if orm_state.is_select:
+            return self._checked_select(orm_state)
+        if orm_state.is_update or orm_state.is_delete:
+            self._check_orm_dml(orm_state)
+        elif isinstance(orm_state.statement, TextClause):
+            self._check_text_dml(orm_state)
+        return None
+
+    def _checked_select(self, orm_state: ORMExecuteState) -> Any:
+        if orm_state.is_column_load:
+            return None  # refresh / unexpire loads are fresh by definition
+        options = orm_state.execution_options
+        load_options = orm_state.load_options
+        if (
+            options.get("populate_existing")
+            or options.get("yield_per")
+            or options.get("stream_results")
+            or load_options._populate_existing
+            or load_options._yield_per
+        ):
+            return None
+        session = orm_state.session
+        with _stale.push_frame(session) as frame:
+            result = orm_state.invoke_statement()
+            unique_filter = result._unique_filter_state
+            frozen = result.freeze()
+        scalars = frozen._source_supports_scalars
+        hits = _stale.hits_in_rows(frozen.data, scalars, frame)
+        if hits:
+            self._check(session, hits, raise_stale=True)
+        replay = frozen()
+        if unique_filter is not None:
+            # freeze() drops the "joined eager load needs unique()" guard
+            replay._unique_filter_state = unique_filter
+        return replay
+
+    def _check(
+        self, session: Session, hits: list[_stale.Hit], *, raise_stale: bool
+    ) -> list[StaleRead]:
+        self._counters.add("identity_map_hits", len(hits))
+        outcome = _stale.check_hits(
+            session, hits, self._config, location=_user_location
+        )
+        counters = self._counters
+        if outcome.verified:
+            counters.add("verified_objects", sum(outcome.verified.values()))
+        if outcome.skipped_outside_greenlet:
+            counters.add("skipped_checks", outcome.skipped_outside_greenlet)
+        for entity, error in outcome.errors:
+            counters.add("verification_errors")
+            self._telemetry.verification_error(session.hash_key, entity, error)
+        request = current_request()
+        findings = []
+        for found in outcome.findings:
+            finding = found
+            if request is not None:
+                finding = dataclasses.replace(found, request_id=request.request_id)
+            findings.append(finding)
+            counters.add("stale_reads")
+            self._record(finding)
+        if findings and raise_stale and self._config.on_stale == "raise":
+            raise StaleReadError(findings[0])
+        return findings
+
+    def _record(self, finding: Finding) -> None:
+        with self._findings_lock:
+            self._findings.append(finding)
+        self._telemetry.finding(finding)
+        if self._config.on_stale == "warn":
+            message = (
+                finding.describe()
+                if isinstance(finding, StaleRead)
+                else f"sessionguard {finding.kind}: {finding.to_dict()}"
+            )
+            warnings.warn(message, SessionGuardWarning, stacklevel=2)
+
+    def _cross_thread(self, session: Session, state: _SessionState) -> None:
+        first = state.thread
+        state.thread = threading.get_ident()
+        self._record(
+            CrossThread(
+                session_id=session.hash_key,
+                location=_user_location(),
+                first_thread=str(first),
+                other_thread=f"{threading.current_thread().name} ({state.thread})",
+            )
+        )
+
+    # -- writes that bypass the session -------------------------------------
+
+    def _check_orm_dml(self, orm_state: ORMExecuteState) -> None:
+        options = orm_state.update_delete_options
+        if options._synchronize_session is not False:
+            return
+        table = getattr(orm_state.statement, "table", None)
+        name = getattr(table, "name", None)
+        if name is not None:
+            kind = "orm_update" if orm_state.is_update else "orm_delete"
+            self._unsynchronized(orm_state.session, name, kind)
+
+    def _check_text_dml(self, orm_state: ORMExecuteState) -> None:
+        text = getattr(orm_state.statement, "text", "")
+        match = _TEXT_WRITE.match(text)
+        if match:
+            name = match.group(1).strip('`"[]').rsplit(".", 1)[-1]
+            self._unsynchronized(orm_state.session, name, "text")
+
+    def _before_core_execute(
+        self,
+        connection: Connection,
+        clauseelement: Any,
+        multiparams: Any,
+        params: Any,
+        execution_options: Mapping[str, Any],
+    ) -> None:
+        if not getattr(clauseelement, "is_dml", False):
+            return
+        if clauseelement._propagate_attrs.get("compile_state_plugin") == "orm":
+            return  # executed through the session: do_orm_execute's business
+        session = self._session_for_connection(connection)
+        if session is None or session._flushing:
+            return
+        table = getattr(clauseelement, "table", None)
+        name = getattr(table, "name", None)
+        if name is not None:
+            self._unsynchronized(session, name, "core")
+
+    def _session_for_connection(self, connection: Connection) -> Session | None:
+        session_ref = self._connections.get(connection)
+        session = session_ref() if session_ref is not None else None
+        if session is None:
+            return None
+        state = self._sessions.get(session)
+        if state is None or state.transaction is None:
+            return None  # the connection went back to the pool since
+        return session
+
+    def _unsynchronized(self, session: Session, table: str, statement: str) -> None:
+        entities: dict[str, int] = {}
+        for state in session.identity_map.all_states():
+            mapper: Mapper[Any] = state.mapper
+            if any(getattr(t, "name", None) == table for t in mapper.tables):
+                name = mapper.class_.__name__
+                entities[name] = entities.get(name, 0) + 1
+        if not entities:
+            return
+        request = current_request()
+        self._record(
+            UnsynchronizedWrite(
+                session_id=session.hash_key,
+                location=_user_location(),
+                request_id=request.request_id if request is not None else None,
+                table=table,
+                statement=statement,
+                entities=tuple(sorted(entities)),
+                objects=sum(entities.values()),
+            )
+        )
+
+    # -- Session.get() and many-to-one hits (the identity-lookup hook) --------
+
+    def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
+        if not self._installed or not self._target.covers(session):
+            return False
+        if self._target.engine is not None and not self._on_engine(
+            session.get_bind(mapper=mapper)
+        ):
+            return False
+        self._check_request(session, self._state(session))
+        if not self._detect:
+            return False
+        return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate
+
+    def identity_hit(self, session: Session, hit: _stale.Hit) -> None:
+        self._check(session, [hit], raise_stale=True)
+
+
+def install_guard(
+    target: object = None, /, *, config: GuardConfig | None = None, **overrides: Any
+) -> Guard:
+    """
+    Install a guard on *target* and return its :class:`Guard`.
+
+    *target* is ``None`` (every session), an ``Engine`` or ``AsyncEngine``, a
+    ``sessionmaker`` or ``async_sessionmaker``, a ``scoped_session``, a
+    ``Session`` subclass, or a ``Session`` or ``AsyncSession`` instance.
+    *overrides* are :class:`GuardConfig` fields. Installing again on the same
+    target returns the installed guard when the configuration is the same and
+    raises :class:`SessionGuardError` when it differs.
+    """
+    fields = {field.name for field in dataclasses.fields(GuardConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"install_guard() got unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(sorted(fields))}"
+        )
+    if config is not None and not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, not {type(config).__name__}")
+    requested = config
+    if overrides:
+        requested = dataclasses.replace(config or GuardConfig(), **overrides)
+    resolved = resolve_target(target)
+    with _installed_lock:
+        existing = _installed.get(resolved.key)
+        if existing is not None:
+            if requested is None or requested == existing.config:
+                return existing
+            raise SessionGuardError(
+                f"a guard with another configuration is already installed on "
+                f"{resolved.description}; call its uninstall() first "
+                f"(installed: {existing.config!r})"
+            )
+        guard = Guard(resolved, requested or GuardConfig())
+        guard._install()
+        _installed[resolved.key] = guard
+    return guard
+
+
+def install_from_env(
+    target: object = None, /, *, environ: Mapping[str, str] | None = None
+) -> Guard | None:
+    """
+    Install a guard configured by ``SESSIONGUARD`` and ``SESSIONGUARD_*``.
+
+    Returns ``None`` (and installs nothing) when ``SESSIONGUARD`` is off.
+    """
+    env = os.environ if environ is None else environ
+    if parse_mode(env.get("SESSIONGUARD", ""), "SESSIONGUARD") is Mode.OFF:
+        return None
+    return install_guard(target, config=GuardConfig.from_env(env))

@@ -1,0 +1,490 @@
+"""
+Stale-read detection.
+
+Which objects a read served from the identity map is learnt from the mapper
+``load`` / ``refresh`` events fired while the read ran (a *frame*): a returned
+object that got no event, or only a partial ``refresh``, came from the map.
+Those objects are then checked with one batched Core SELECT per mapper on the
+session's own connection. This module knows nothing of logging or telemetry:
+it returns findings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Column, bindparam, event, exc, select, tuple_
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import get_state_history
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+from sqlalchemy.util.concurrency import in_greenlet
+
+from ._findings import REDACTED, AttributeDiff, StaleRead
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+
+    from sqlalchemy.orm.state import InstanceState
+    from sqlalchemy.sql import Select
+
+    from ._config import GuardConfig
+
+__all__ = [
+    "CheckOutcome",
+    "Frame",
+    "Hit",
+    "LookupObserver",
+    "acquire_hooks",
+    "check_hits",
+    "hits_in_rows",
+    "push_frame",
+    "release_hooks",
+]
+
+_BATCH = 500
+_PKS = "sessionguard_pks"
+
+
+class Frame:
+    """What the mapper events said while one read ran."""
+
+    __slots__ = ("loaded", "refreshed")
+
+    def __init__(self) -> None:
+        self.loaded: set[InstanceState[Any]] = set()
+        self.refreshed: dict[InstanceState[Any], set[str]] = {}
+
+
+# Active frames by id(session). A frame only exists while its read runs, so
+# the session it names is alive for as long as its entry is here.
+_frames: dict[int, list[Frame]] = {}
+
+
+@contextmanager
+def push_frame(session: Session) -> Iterator[Frame]:
+    """Record load/refresh events of *session* while the block runs."""
+    frame = Frame()
+    key = id(session)
+    stack = _frames.setdefault(key, [])
+    stack.append(frame)
+    try:
+        yield frame
+    finally:
+        stack.remove(frame)
+        if not stack:
+            _frames.pop(key, None)
+
+
+def _on_load(state: InstanceState[Any], context: Any) -> None:
+    frames = _frames.get(id(context.session))
+    if frames:
+        for frame in frames:
+            frame.loaded.add(state)
+
+
+def _on_refresh(
+    state: InstanceState[Any], context: Any, attrs: Iterable[str] | None
+) -> None:
+    # context is None for the refresh that ORM update()/delete() fires
+    # when it synchronises the session: that is not a read.
+    if context is None:
+        return
+    frames = _frames.get(id(context.session))
+    if not frames:
+        return
+    for frame in frames:
+        if attrs is None:
+            frame.loaded.add(state)
+        else:
+            frame.refreshed.setdefault(state, set()).update(attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """An object served from the identity map by one read."""
+
+    state: InstanceState[Any]
+    fresh: frozenset[str] = frozenset()
+    """Attributes that the read itself (re)loaded; they cannot be stale."""
+
+
+def hits_in_rows(rows: Sequence[Any], scalars: bool, frame: Frame) -> list[Hit]:
+    """The persistent objects in *rows* that *frame* saw no full load for."""
+    hits: list[Hit] = []
+    seen: set[int] = set()
+    loaded = frame.loaded
+    refreshed = frame.refreshed
+    for row in rows:
+        for element in (row,) if scalars else row:
+            state = getattr(element, "_sa_instance_state", None)
+            if state is None or state.key is None or state in loaded:
+                continue
+            marker = id(state)
+            if marker in seen:
+                continue
+            seen.add(marker)
+            fresh = refreshed.get(state)
+            hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
+    return hits
+
+
+def hit_after_lookup(state: InstanceState[Any], frame: Frame) -> Hit | None:
+    """The hit for an object returned by an identity lookup, if it was one."""
+    if state.key is None or state in frame.loaded:
+        return None
+    fresh = frame.refreshed.get(state)
+    return Hit(state, frozenset(fresh) if fresh else frozenset())
+
+
+@dataclasses.dataclass
+class CheckOutcome:
+    """What checking a batch of hits found."""
+
+    findings: list[StaleRead] = dataclasses.field(default_factory=list)
+    errors: list[tuple[str, BaseException]] = dataclasses.field(default_factory=list)
+    verified: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Objects checked, by entity."""
+    skipped_outside_greenlet: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _MapperColumns:
+    """The plain table columns of a mapper, by attribute key."""
+
+    columns: dict[str, Column[Any]]
+
+
+_columns_cache: weakref.WeakKeyDictionary[Mapper[Any], _MapperColumns] = (
+    weakref.WeakKeyDictionary()
+)
+_statement_cache: weakref.WeakKeyDictionary[
+    Mapper[Any], dict[tuple[str, ...], Select[Any]]
+] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _mapper_columns(mapper: Mapper[Any]) -> _MapperColumns:
+    cached = _columns_cache.get(mapper)
+    if cached is not None:
+        return cached
+    tables = set(mapper.tables)
+    columns: dict[str, Column[Any]] = {}
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        # SQL-expression column_property()s are computed, not stored: skip.
+        if isinstance(column, Column) and column.table in tables:
+            columns[prop.key] = column
+    result = _MapperColumns(columns)
+    with _cache_lock:
+        _columns_cache[mapper] = result
+    return result
+
+
+def _statement(mapper: Mapper[Any], keys: tuple[str, ...]) -> Select[Any]:
+    per_mapper = _statement_cache.get(mapper)
+    if per_mapper is not None:
+        statement = per_mapper.get(keys)
+        if statement is not None:
+            return statement
+    columns = _mapper_columns(mapper).columns
+    primary_key = list(mapper.primary_key)
+    selected = [*primary_key, *(columns[key] for key in keys)]
+    if len(primary_key) == 1:
+        criterion = primary_key[0].in_(bindparam(_PKS, expanding=True))
+    else:
+        criterion = tuple_(*primary_key).in_(bindparam(_PKS, expanding=True))
+    statement = (
+        select(*selected).select_from(mapper.persist_selectable).where(criterion)
+    )
+    with _cache_lock:
+        _statement_cache.setdefault(mapper, {})[keys] = statement
+    return statement
+
+
+def _checkable_keys(
+    state: InstanceState[Any], hit: Hit, columns: dict[str, Column[Any]]
+) -> list[str]:
+    """Loaded, unmodified plain-column attributes of the object."""
+    loaded = state.dict
+    committed = state.committed_state
+    keys = []
+    for key in columns:
+        if key not in loaded or key in hit.fresh:
+            continue
+        if (
+            key in committed
+            and get_state_history(state, key, PASSIVE_NO_INITIALIZE).has_changes()
+        ):
+            continue
+        keys.append(key)
+    return keys
+
+
+class _Borrowed:
+    """The connection a check runs on, and how to leave it as it was."""
+
+    __slots__ = ("connection", "owned", "restore_autobegin")
+
+    def __init__(self, connection: Connection, owned: bool, restore: bool) -> None:
+        self.connection = connection
+        self.owned = owned
+        self.restore_autobegin = restore
+
+
+def _borrow_connection(session: Session, mapper: Mapper[Any]) -> _Borrowed:
+    bind = session.get_bind(mapper=mapper)
+    transaction = session.get_transaction()
+    if transaction is not None:
+        connection = _transaction_connection(transaction, bind, mapper)
+        if connection is not None:
+            return _Borrowed(connection, owned=False, restore=False)
+    if isinstance(bind, Connection):
+        return _Borrowed(bind, owned=False, restore=not bind.in_transaction())
+    assert isinstance(bind, Engine)
+    return _Borrowed(bind.connect(), owned=True, restore=False)
+
+
+def _transaction_connection(
+    transaction: Any, bind: Engine | Connection, mapper: Mapper[Any]
+) -> Connection | None:
+    """The connection *transaction* already holds for *bind*, without acquiring one."""
+    bound_connection = getattr(transaction, "bound_connection", None)
+    if bound_connection is not None:  # SQLAlchemy 2.1.7+
+        try:
+            connection: Connection = bound_connection(mapper)
+        except exc.InvalidRequestError:
+            return None
+        return connection
+    # SQLAlchemy 2.0.x: the root transaction's connection map, keyed by bind
+    # and by engine.
+    entry = transaction._connections.get(bind)
+    if entry is None:
+        return None
+    found: Connection = entry[0]
+    return found
+
+
+def check_hits(
+    session: Session,
+    hits: Sequence[Hit],
+    config: GuardConfig,
+    *,
+    location: Callable[[], str | None],
+) -> CheckOutcome:
+    """
+    Compare the hits' loaded, unmodified attributes with the rows now visible.
+
+    Never raises for a failed check: errors are returned, and on PostgreSQL the
+    check runs in a SAVEPOINT so that a failure leaves the transaction usable.
+    """
+    outcome = CheckOutcome()
+    by_mapper: dict[Mapper[Any], list[tuple[InstanceState[Any], list[str]]]] = {}
+    for hit in hits:
+        state = hit.state
+        if state.session_id != session.hash_key or state.deleted or state.detached:
+            continue
+        mapper = state.mapper
+        keys = _checkable_keys(state, hit, _mapper_columns(mapper).columns)
+        if keys:
+            by_mapper.setdefault(mapper, []).append((state, keys))
+    for mapper, entries in by_mapper.items():
+        entity = mapper.class_.__name__
+        try:
+            _check_mapper(
+                session,
+                mapper,
+                entries=entries,
+                config=config,
+                outcome=outcome,
+                location=location,
+            )
+        except _OutsideGreenlet:
+            outcome.skipped_outside_greenlet += len(entries)
+        except Exception as error:
+            outcome.errors.append((entity, error))
+    return outcome
+
+
+class _OutsideGreenlet(Exception):
+    """An async driver's connection, reached from plain synchronous code."""
+
+
+def _check_mapper(
+    session: Session,
+    mapper: Mapper[Any],
+    *,
+    entries: list[tuple[InstanceState[Any], list[str]]],
+    config: GuardConfig,
+    outcome: CheckOutcome,
+    location: Callable[[], str | None],
+) -> None:
+    bind = session.get_bind(mapper=mapper)
+    if bind.dialect.is_async and not in_greenlet():
+        raise _OutsideGreenlet
+    keys = tuple(sorted({key for _, state_keys in entries for key in state_keys}))
+    statement = _statement(mapper, keys)
+    columns = _mapper_columns(mapper).columns
+    pk_width = len(mapper.primary_key)
+    identities = [state.key[1] for state, _ in entries if state.key is not None]
+    rows = _fetch(session, mapper, statement, identities, pk_width)
+    entity = mapper.class_.__name__
+    outcome.verified[entity] = outcome.verified.get(entity, 0) + len(entries)
+    where: str | None = None
+    for state, state_keys in entries:
+        assert state.key is not None
+        identity = tuple(state.key[1])
+        row = rows.get(identity)
+        diffs: list[AttributeDiff] = []
+        if row is not None:
+            loaded = state.dict
+            for key in state_keys:
+                cached = loaded.get(key)
+                current = row[pk_width + keys.index(key)]
+                if not columns[key].type.compare_values(cached, current):
+                    diffs.append(_diff(config, key, cached, current))
+            if not diffs:
+                continue
+        if where is None:
+            where = location()
+        outcome.findings.append(
+            StaleRead(
+                session_id=session.hash_key,
+                entity=entity,
+                identity=identity,
+                deleted=row is None,
+                attributes=tuple(diffs),
+                location=where,
+            )
+        )
+
+
+def _diff(config: GuardConfig, key: str, cached: Any, current: Any) -> AttributeDiff:
+    if config.log_values and not config.is_redacted(key):
+        return AttributeDiff(key, cached, current)
+    return AttributeDiff(key, REDACTED, REDACTED)
+
+
+def _fetch(
+    session: Session,
+    mapper: Mapper[Any],
+    statement: Select[Any],
+    identities: list[tuple[Any, ...]],
+    pk_width: int,
+) -> dict[tuple[Any, ...], Sequence[Any]]:
+    borrowed = _borrow_connection(session, mapper)
+    connection = borrowed.connection
+    savepoint = None
+    try:
+        if not borrowed.owned and connection.dialect.name == "postgresql":
+            # A failed statement aborts a PostgreSQL transaction; the SAVEPOINT
+            # keeps the user's transaction alive if the check fails.
+            savepoint = connection.begin_nested()
+        rows: dict[tuple[Any, ...], Sequence[Any]] = {}
+        for start in range(0, len(identities), _BATCH):
+            chunk = identities[start : start + _BATCH]
+            params = [ident[0] for ident in chunk] if pk_width == 1 else chunk
+            for row in connection.execute(statement, {_PKS: params}):
+                rows[tuple(row[:pk_width])] = row
+        if savepoint is not None:
+            savepoint.commit()
+            savepoint = None
+        return rows
+    finally:
+        if savepoint is not None and savepoint.is_active:
+            savepoint.rollback()
+        if borrowed.owned:
+            connection.close()
+        elif borrowed.restore_autobegin and connection.in_transaction():
+            connection.rollback()
+
+
+class LookupObserver:
+    """Receives the identity-map hits of ``Session.get()`` and many-to-one loads."""
+
+    def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
+        raise NotImplementedError
+
+    def identity_hit(self, session: Session, hit: Hit) -> None:
+        raise NotImplementedError
+
+
+class _Hooks:
+    """The process-wide listeners and the identity-lookup patch, reference counted."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.users = 0
+        self.observers: tuple[LookupObserver, ...] = ()
+        self.original_identity_lookup: Any = None
+
+
+_hooks = _Hooks()
+
+
+def _guarded_identity_lookup(
+    self: Session, mapper: Mapper[Any], *args: Any, **kwargs: Any
+) -> Any:
+    observers = _hooks.observers
+    original = _hooks.original_identity_lookup
+    if not observers:
+        return original(self, mapper, *args, **kwargs)
+    interested = [o for o in observers if o.covers_lookup(self, mapper)]
+    if not interested:
+        return original(self, mapper, *args, **kwargs)
+    with push_frame(self) as frame:
+        instance = original(self, mapper, *args, **kwargs)
+    state = getattr(instance, "_sa_instance_state", None)
+    if state is None:
+        return instance
+    hit = hit_after_lookup(state, frame)
+    if hit is not None:
+        for observer in interested:
+            observer.identity_hit(self, hit)
+    return instance
+
+
+def _lookup_signature_ok() -> bool:
+    function = getattr(Session, "_identity_lookup", None)
+    if function is None:
+        return False
+    parameters = list(inspect.signature(function).parameters)
+    return parameters[:3] == ["self", "mapper", "primary_key_identity"]
+
+
+def acquire_hooks(observer: LookupObserver) -> bool:
+    """
+    Register the mapper events and the identity-lookup hook (once per process).
+
+    Returns whether ``Session.get()`` hits can be observed on this SQLAlchemy:
+    the hook wraps ``Session._identity_lookup``, whose signature is checked
+    first (it is the same on 2.0.x and 2.1.x).
+    """
+    with _hooks.lock:
+        if _hooks.users == 0:
+            event.listen(Mapper, "load", _on_load, raw=True)
+            event.listen(Mapper, "refresh", _on_refresh, raw=True)
+            if _lookup_signature_ok():
+                _hooks.original_identity_lookup = Session.__dict__["_identity_lookup"]
+                Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
+        _hooks.users += 1
+        _hooks.observers = (*_hooks.observers, observer)
+        return _hooks.original_identity_lookup is not None
+
+
+def release_hooks(observer: LookupObserver) -> None:
+    """Undo :func:`acquire_hooks` once the last guard is gone."""
+    with _hooks.lock:
+        _hooks.observers = tuple(o for o in _hooks.observers if o is not observer)
+        _hooks.users -= 1
+        if _hooks.users == 0:
+            event.remove(Mapper, "load", _on_load)
+            event.remove(Mapper, "refresh", _on_refresh)
+            if _hooks.original_identity_lookup is not None:
+                Session._identity_lookup = _hooks.original_identity_lookup  # type: ignore[method-assign]
+                _hooks.original_identity_lookup = None
