@@ -218,7 +218,17 @@ def _make_workdir() -> Path:
 
 
 def _initdb(runner: _Runner, datadir: Path) -> None:
-    base = ["-D", str(datadir), "-U", SUPERUSER, "-A", "trust", "--no-sync", "-E", "UTF8"]
+    base = [
+        "-D",
+        str(datadir),
+        "-U",
+        SUPERUSER,
+        "-A",
+        "trust",
+        "--no-sync",
+        "-E",
+        "UTF8",
+    ]
     errors: list[str] = []
     for locale_args in (["--locale=C.UTF-8"], ["--no-locale"]):
         proc = runner.run("initdb", [*base, *locale_args])
@@ -239,7 +249,18 @@ def _start(runner: _Runner, datadir: Path, sockdir: Path, logfile: Path) -> int:
         )
         proc = runner.run(
             "pg_ctl",
-            ["start", "-w", "-t", "60", "-D", str(datadir), "-l", str(logfile), "-o", opts],
+            [
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(datadir),
+                "-l",
+                str(logfile),
+                "-o",
+                opts,
+            ],
         )
         if proc.returncode == 0:
             return port
@@ -258,7 +279,9 @@ def _stop(runner: _Runner, datadir: Path) -> None:
     if not pidfile.exists():
         return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        proc = runner.run("pg_ctl", ["stop", "-w", "-t", "30", "-m", "fast", "-D", str(datadir)])
+        proc = runner.run(
+            "pg_ctl", ["stop", "-w", "-t", "30", "-m", "fast", "-D", str(datadir)]
+        )
         if proc.returncode == 0:
             return
     # Last resort: kill the postmaster directly so nothing outlives the test.

@@ -22,7 +22,8 @@ from _postgres import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.skipif(
-    find_pg_bindir() is None, reason="no PostgreSQL >= 15 bin dir (run scripts/ensure-postgres)"
+    find_pg_bindir() is None,
+    reason="no PostgreSQL >= 15 bin dir (run scripts/ensure-postgres)",
 )
 
 
@@ -108,7 +109,9 @@ def test_two_clusters_at_once() -> None:
             with eng_a.begin() as conn:
                 conn.execute(text("create table only_in_a (x int)"))
             with eng_b.connect() as conn:
-                found = conn.execute(text("select to_regclass('only_in_a') is not null")).scalar_one()
+                found = conn.execute(
+                    text("select to_regclass('only_in_a') is not null")
+                ).scalar_one()
                 assert found is False
             assert "PostgreSQL" in _version(url_a) and "PostgreSQL" in _version(url_b)
         finally:
