@@ -115,9 +115,11 @@ class _SessionState:
 _installed: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _installed_lock = threading.Lock()
 
-_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__))
-_OWN_DIR = os.path.dirname(__file__)
-_SKIPPED_DIRS = (_SQLALCHEMY_DIR + os.sep, _OWN_DIR + os.sep)
+_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__)) + os.sep
+# sessionguard's private modules; the public ones (cli, testing, ...) can be
+# where a read happens.
+_OWN_PRIVATE = os.path.join(os.path.dirname(__file__), "_")
+_SKIPPED = (_SQLALCHEMY_DIR, _OWN_PRIVATE)
 _TEXT_WRITE = re.compile(
     r"^\s*(?:update\s+(?:only\s+)?|delete\s+from\s+(?:only\s+)?|insert\s+(?:or\s+\w+\s+)?into\s+)"
     r"([`\"\[]?[\w.$]+[`\"\]]?)",
@@ -131,7 +133,7 @@ def _user_location() -> str | None:
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIPPED_DIRS):
+        if not filename.startswith(_SKIPPED):
             if "greenlet" not in filename and not filename.startswith("<frozen"):
                 return f"{filename}:{frame.f_lineno}"
             fallback = fallback or f"{filename}:{frame.f_lineno}"
@@ -486,11 +488,12 @@ class Guard(_stale.LookupObserver):
     def _check(
         self, session: Session, hits: list[_stale.Hit], *, raise_stale: bool
     ) -> list[StaleRead]:
-        self._counters.add("identity_map_hits", len(hits))
         outcome = _stale.check_hits(
             session, hits, self._config, location=_user_location
         )
         counters = self._counters
+        if outcome.hits:
+            counters.add("identity_map_hits", outcome.hits)
         if outcome.verified:
             counters.add("verified_objects", sum(outcome.verified.values()))
         if outcome.skipped_outside_greenlet:

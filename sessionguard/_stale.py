@@ -151,6 +151,8 @@ class CheckOutcome:
     verified: dict[str, int] = dataclasses.field(default_factory=dict)
     """Objects checked, by entity."""
     skipped_outside_greenlet: int = 0
+    hits: int = 0
+    """Objects that kept at least one attribute value from the identity map."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +292,11 @@ def check_hits(
         if state.session_id != session.hash_key or state.deleted or state.detached:
             continue
         mapper = state.mapper
-        keys = _checkable_keys(state, hit, _mapper_columns(mapper).columns)
+        columns = _mapper_columns(mapper).columns
+        loaded = state.dict
+        if any(key in loaded and key not in hit.fresh for key in columns):
+            outcome.hits += 1
+        keys = _checkable_keys(state, hit, columns)
         if keys:
             by_mapper.setdefault(mapper, []).append((state, keys))
     for mapper, entries in by_mapper.items():

@@ -1,0 +1,210 @@
+"""
+The ``sessionguard`` command.
+
+``sessionguard demo`` plays the classic bug on an embedded SQLite database:
+a session that outlives a request reads a row that another session changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import structlog
+from sqlalchemy import String, create_engine, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from . import GuardConfig, StaleRead, install_guard, request_context
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Engine
+
+    from ._guard import Guard
+
+__all__ = ["main"]
+
+
+class _DemoBase(DeclarativeBase):
+    pass
+
+
+class Account(_DemoBase):
+    """The demo's one table: an account whose owner another session renames."""
+
+    __tablename__ = "sessionguard_demo_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(String(50))
+    balance: Mapped[int]
+
+
+def _configure_logging(stream: TextIO) -> None:
+    colors = stream.isatty()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=colors),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _heading(out: TextIO, text: str) -> None:
+    out.write(f"\n== {text}\n")
+    out.flush()
+
+
+def _reset(engine: Engine) -> None:
+    _DemoBase.metadata.drop_all(engine)
+    _DemoBase.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Account(id=1, owner="alice", balance=100))
+        session.commit()
+
+
+def _rename_elsewhere(writer: Engine, owner: str) -> None:
+    with Session(writer) as other:
+        other.execute(update(Account).where(Account.id == 1).values(owner=owner))
+        other.commit()
+
+
+def _play(
+    out: TextIO, engine: Engine, writer: Engine, guard: Guard, renamed_to: str
+) -> str:
+    """Two requests share one session; between them, another session renames."""
+    shared = Session(engine, expire_on_commit=False)
+    with request_context("request-1"):
+        account = shared.get(Account, 1)
+        assert account is not None
+        out.write(f"request 1 reads owner={account.owner!r}\n")
+        shared.commit()
+    _rename_elsewhere(writer, renamed_to)
+    out.write(f"another session renames the owner to {renamed_to!r} and commits\n")
+    with request_context("request-2"):
+        seen = shared.scalars(select(Account).where(Account.id == 1)).one().owner
+        out.write(f"request 2 reads owner={seen!r}\n")
+        shared.commit()
+    shared.close()
+    del account
+    return seen
+
+
+def _demo(out: TextIO, database_url: str | None) -> int:
+    _configure_logging(out)
+    with tempfile.TemporaryDirectory(prefix="sessionguard-demo-") as directory:
+        url = database_url or f"sqlite:///{Path(directory) / 'demo.sqlite'}"
+        engine = create_engine(url)
+        writer = create_engine(url)
+        try:
+            _reset(engine)
+            out.write(f"sessionguard {__version__} demo on {engine.url!r}\n")
+
+            _heading(out, "1. The classic bug, caught: a session outlives its request")
+            guard = install_guard(engine, config=GuardConfig(log_values=True))
+            seen = _play(out, engine, writer, guard, "bob")
+            stale = [f for f in guard.findings if isinstance(f, StaleRead)]
+            if seen == "alice" and stale:
+                finding = stale[0]
+                diff = finding.attributes[0]
+                out.write(
+                    f"-> STALE: {finding.entity} {finding.identity} attribute "
+                    f"{diff.name!r} was {diff.cached!r} in the identity map, "
+                    f"{diff.current!r} in the database, read at {finding.location}\n"
+                )
+            first_stats = guard.stats()
+            guard.uninstall()
+
+            _heading(out, "2. The same flow with expire={'request'}: fresh data")
+            _reset(engine)
+            guard = install_guard(engine, log_values=True, expire={"request"})
+            seen_fresh = _play(out, engine, writer, guard, "carol")
+            out.write(
+                f"-> request 2 read {seen_fresh!r}; stale reads: "
+                f"{guard.stats().stale_reads}\n"
+            )
+            second_stats = guard.stats()
+            guard.uninstall()
+
+            _heading(
+                out, "3. expire={'commit'} on a session made with expire_on_commit=False"
+            )
+            _reset(engine)
+            guard = install_guard(engine, expire={"commit"})
+            with Session(engine, expire_on_commit=False) as session:
+                account = session.get(Account, 1)
+                assert account is not None
+                account.balance += 10
+                session.commit()
+                out.write(
+                    f"after commit the identity map holds {len(session.identity_map)} "
+                    f"object(s), all expired: "
+                    f"{'balance' not in account.__dict__}\n"
+                )
+            third_stats = guard.stats()
+            guard.uninstall()
+
+            _heading(out, "Summary")
+            for title, stats in (
+                ("1. caught", first_stats),
+                ("2. expire on request", second_stats),
+                ("3. expire on commit", third_stats),
+            ):
+                out.write(
+                    f"{title:22} transactions={stats.transactions} "
+                    f"statements={stats.statements} "
+                    f"identity_map_hits={stats.identity_map_hits} "
+                    f"stale_reads={stats.stale_reads} "
+                    f"expire_all_calls={stats.expire_all_calls} "
+                    f"max_identity_map_size={stats.max_identity_map_size}\n"
+                )
+            ok = (
+                seen == "alice"
+                and first_stats.stale_reads >= 1
+                and seen_fresh == "carol"
+                and second_stats.stale_reads == 0
+            )
+            out.write("demo OK\n" if ok else "demo FAILED: unexpected outcome\n")
+            return 0 if ok else 1
+        finally:
+            engine.dispose()
+            writer.dispose()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sessionguard",
+        description="See and prevent stale reads from SQLAlchemy's identity map.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="play the classic stale-read bug and its fix on SQLite"
+    )
+    demo.add_argument(
+        "--database-url",
+        default=None,
+        help="a SQLAlchemy URL to use instead of a temporary SQLite file "
+        "(the demo creates and drops its own table)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    """Run the command line; returns the exit status."""
+    arguments = _parser().parse_args(argv)
+    stream: TextIO = out if out is not None else sys.stdout
+    if arguments.command == "demo":
+        return _demo(stream, arguments.database_url)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
