@@ -387,14 +387,17 @@ class Guard(_stale.LookupObserver):
     def _expire(self, session: Session, reason: str) -> None:
         """``expire_all()`` that leaves objects with unflushed changes alone."""
         identity_map = session.identity_map
-        keep: set[InstanceState[Any]] = set()
-        for obj in session.deleted:
-            keep.add(instance_state(obj))
-        for obj in session.dirty:
-            if session.is_modified(obj):
-                keep.add(instance_state(obj))
-        expired = 0
         modified = identity_map._modified
+        keep: set[InstanceState[Any]] = {instance_state(o) for o in session.deleted}
+        if session._flushing:
+            # A flush that autobegins the transaction is already working on
+            # these objects; expiring them would make it reload them mid-flush.
+            keep.update(modified)
+        else:
+            keep.update(
+                instance_state(obj) for obj in session.dirty if session.is_modified(obj)
+            )
+        expired = 0
         for state in identity_map.all_states():
             if state in keep:
                 continue

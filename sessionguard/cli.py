@@ -134,7 +134,8 @@ def _demo(out: TextIO, database_url: str | None) -> int:
             guard.uninstall()
 
             _heading(
-                out, "3. expire={'commit'} on a session made with expire_on_commit=False"
+                out,
+                "3. expire={'commit'} for a session with expire_on_commit=False",
             )
             _reset(engine)
             guard = install_guard(engine, expire={"commit"})
