@@ -158,6 +158,9 @@ class Guard(_stale.LookupObserver):
             maxlen=config.max_findings
         )
         self._findings_lock = threading.Lock()
+        # Called with every finding as it is made (the pytest plugin uses it
+        # to attribute findings to the running test).
+        self._finding_callbacks: list[Callable[[Finding], None]] = []
         self._sessions: weakref.WeakKeyDictionary[Session, _SessionState] = (
             weakref.WeakKeyDictionary()
         )
@@ -521,6 +524,8 @@ class Guard(_stale.LookupObserver):
         with self._findings_lock:
             self._findings.append(finding)
         self._telemetry.finding(finding)
+        for callback in self._finding_callbacks:
+            callback(finding)
         if self._config.on_stale == "warn":
             message = (
                 finding.describe()
