@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import os
 import random
 import re
@@ -12,7 +14,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -31,13 +33,15 @@ from ._findings import (
     UnsynchronizedWrite,
 )
 from ._targets import Target, resolve_target
-from ._telemetry import Telemetry
+from ._telemetry import Telemetry, db_system_name
 from .exceptions import SessionGuardError, SessionGuardWarning, StaleReadError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from types import FrameType, TracebackType
 
+    from opentelemetry.trace import Span
+    from sqlalchemy.engine import FrozenResult
     from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
     from sqlalchemy.orm.state import InstanceState
 
@@ -60,6 +64,8 @@ class GuardStats:
     max_identity_map_size: int = 0
     skipped_checks: int = 0
     """Identity-map hits not checked: reached outside the asyncio greenlet."""
+    internal_errors: int = 0
+    """Failures inside the guard itself, logged as ``internal_error``."""
 
 
 _COUNTERS = tuple(field.name for field in dataclasses.fields(GuardStats))
@@ -94,9 +100,14 @@ class _SessionState:
 
     __slots__ = (
         "began_at",
+        "finalizer",
+        "namespace",
         "request",
+        "span",
+        "stale_reads",
         "statements",
         "statements_at_begin",
+        "system",
         "thread",
         "transaction",
     )
@@ -108,6 +119,11 @@ class _SessionState:
         self.statements_at_begin = 0
         self.thread = 0
         self.request: object = None
+        self.span: Span | None = None
+        self.system = "other_sql"
+        self.namespace: str | None = None
+        self.stale_reads = 0
+        self.finalizer: weakref.finalize[Any, Any] | None = None
 
 
 # One guard per target: listening the same function twice on a class target
@@ -125,6 +141,25 @@ _TEXT_WRITE = re.compile(
     r"([`\"\[]?[\w.$]+[`\"\]]?)",
     re.IGNORECASE,
 )
+
+
+_Method = TypeVar("_Method", bound="Callable[..., Any]")
+
+
+def _fail_open(method: _Method) -> _Method:
+    """Run a listener so that a failure of the guard never reaches the user."""
+
+    @functools.wraps(method)
+    def listener(self: Guard, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except (StaleReadError, Warning):
+            raise  # asked for: on_stale="raise", or warnings turned into errors
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error(method.__name__, error)
+            return None
+
+    return listener  # type: ignore[return-value]
 
 
 def _user_location() -> str | None:
@@ -311,6 +346,7 @@ class Guard(_stale.LookupObserver):
 
     # -- transaction listeners -----------------------------------------------
 
+    @_fail_open
     def _after_begin(
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
@@ -325,10 +361,25 @@ class Guard(_stale.LookupObserver):
         state.transaction = weakref.ref(transaction)
         state.began_at = time.perf_counter()
         state.thread = threading.get_ident()
+        state.stale_reads = 0
+        state.system = db_system_name(connection.dialect.name)
+        state.namespace = connection.engine.url.database
         size = len(session.identity_map)
         self._counters.add("transactions")
         self._counters.high_water("max_identity_map_size", size)
-        self._telemetry.transaction_begun(session.hash_key, size)
+        span = self._telemetry.transaction_begun(session.hash_key, size)
+        state.span = span
+        # A session dropped in the middle of a transaction fires no event:
+        # end its span (and count it) when it is collected.
+        state.finalizer = weakref.finalize(
+            session,
+            self._abandoned,
+            span,
+            session.hash_key,
+            state.began_at,
+            state.system,
+            state.namespace,
+        )
         self._connections[connection] = weakref.ref(session)
         self._check_request(session, state)
         if "begin" in self._config.expire:
@@ -345,6 +396,7 @@ class Guard(_stale.LookupObserver):
             return None
         return state
 
+    @_fail_open
     def _after_commit(self, session: Session) -> None:
         state = self._tracked(session)
         if state is None:
@@ -353,11 +405,13 @@ class Guard(_stale.LookupObserver):
             self._expire(session, "commit")
         self._finish(session, state, "commit")
 
+    @_fail_open
     def _after_rollback(self, session: Session) -> None:
         state = self._tracked(session)
         if state is not None:
             self._finish(session, state, "rollback")
 
+    @_fail_open
     def _after_transaction_end(
         self, session: Session, transaction: SessionTransaction
     ) -> None:
@@ -372,17 +426,49 @@ class Guard(_stale.LookupObserver):
 
     def _finish(self, session: Session, state: _SessionState, outcome: str) -> None:
         state.transaction = None
+        if state.finalizer is not None:
+            state.finalizer.detach()
+            state.finalizer = None
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
         size = len(session.identity_map)
         self._counters.add("commits" if outcome == "commit" else "rollbacks")
         self._counters.high_water("max_identity_map_size", size)
+        span, state.span = state.span, None
         self._telemetry.transaction_ended(
-            session.hash_key,
-            outcome,
-            size,
-            statements,
-            time.perf_counter() - state.began_at,
+            span,
+            session_id=session.hash_key,
+            outcome=outcome,
+            identity_map_size=size,
+            statements=statements,
+            duration_s=time.perf_counter() - state.began_at,
+            system=state.system,
+            namespace=state.namespace,
+            stale_reads=state.stale_reads,
+        )
+
+    def _abandoned(
+        self,
+        span: Span,
+        session_id: int,
+        began_at: float,
+        system: str,
+        namespace: str | None,
+    ) -> None:
+        """A session was garbage-collected inside a transaction."""
+        if not self._installed:
+            return
+        self._counters.add("rollbacks")
+        self._telemetry.transaction_ended(
+            span,
+            session_id=session_id,
+            outcome="rollback",
+            identity_map_size=0,
+            statements=0,
+            duration_s=time.perf_counter() - began_at,
+            system=system,
+            namespace=namespace,
+            stale_reads=0,
         )
 
     # -- expiry ---------------------------------------------------------------
@@ -440,11 +526,23 @@ class Guard(_stale.LookupObserver):
     # -- statements -----------------------------------------------------------
 
     def _do_orm_execute(self, orm_state: ORMExecuteState) -> Any:
+        # Not wrapped in _fail_open as a whole: errors of the user's own
+        # statement (raised by invoke_statement) must reach the user.
+        if not self._before_statement(orm_state):
+            return None
+        if orm_state.is_select:
+            return self._checked_select(orm_state)
+        self._check_dml(orm_state)
+        return None
+
+    @_fail_open
+    def _before_statement(self, orm_state: ORMExecuteState) -> bool:
+        """Count the statement; whether it is to be checked."""
         session = orm_state.session
         if self._target.engine is not None and not self._on_engine(
             session.get_bind(**orm_state.bind_arguments)
         ):
-            return None
+            return False
         state = self._state(session)
         state.statements += 1
         self._counters.add("statements")
@@ -452,16 +550,15 @@ class Guard(_stale.LookupObserver):
             self._cross_thread(session, state)
         self._check_request(session, state)
         if not self._detect:
-            return None
-        if self._sample_rate < 1.0 and self._random.random() >= self._sample_rate:
-            return None
-        if orm_state.is_select:
-            return self._checked_select(orm_state)
+            return False
+        return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate
+
+    @_fail_open
+    def _check_dml(self, orm_state: ORMExecuteState) -> None:
         if orm_state.is_update or orm_state.is_delete:
             self._check_orm_dml(orm_state)
         elif isinstance(orm_state.statement, TextClause):
             self._check_text_dml(orm_state)
-        return None
 
     def _checked_select(self, orm_state: ORMExecuteState) -> Any:
         if orm_state.is_column_load:
@@ -481,27 +578,46 @@ class Guard(_stale.LookupObserver):
             result = orm_state.invoke_statement()
             unique_filter = result._unique_filter_state
             frozen = result.freeze()
-        scalars = frozen._source_supports_scalars
-        hits = _stale.hits_in_rows(frozen.data, scalars, frame)
-        if hits:
-            self._check(session, hits, raise_stale=True)
+        self._check_rows(session, frozen, frame)
         replay = frozen()
         if unique_filter is not None:
             # freeze() drops the "joined eager load needs unique()" guard
             replay._unique_filter_state = unique_filter
         return replay
 
+    @_fail_open
+    def _check_rows(
+        self, session: Session, frozen: FrozenResult[Any], frame: _stale.Frame
+    ) -> None:
+        hits = _stale.hits_in_rows(frozen.data, frozen._source_supports_scalars, frame)
+        if hits:
+            self._check(session, hits, raise_stale=True)
+
+    def _internal_error(self, where: str, error: BaseException) -> None:
+        self._counters.add("internal_errors")
+        # If the logger itself is what broke, the counter is all that is left.
+        with contextlib.suppress(Exception):
+            self._telemetry.internal_error(where, error)
+
     def _check(
         self, session: Session, hits: list[_stale.Hit], *, raise_stale: bool
     ) -> list[StaleRead]:
+        started = time.perf_counter()
         outcome = _stale.check_hits(
             session, hits, self._config, location=_user_location
         )
+        duration = time.perf_counter() - started if outcome.verified else None
         counters = self._counters
         if outcome.hits:
-            counters.add("identity_map_hits", outcome.hits)
+            counters.add("identity_map_hits", sum(outcome.hits.values()))
         if outcome.verified:
             counters.add("verified_objects", sum(outcome.verified.values()))
+        state = self._sessions.get(session)
+        if state is not None and state.transaction is not None:
+            system = state.system
+        else:
+            system = db_system_name(outcome.dialect or "")
+        self._telemetry.checked(system, outcome.hits, outcome.verified, duration)
         if outcome.skipped_outside_greenlet:
             counters.add("skipped_checks", outcome.skipped_outside_greenlet)
         for entity, error in outcome.errors:
@@ -515,15 +631,27 @@ class Guard(_stale.LookupObserver):
                 finding = dataclasses.replace(found, request_id=request.request_id)
             findings.append(finding)
             counters.add("stale_reads")
-            self._record(finding)
+            if state is not None and state.transaction is not None:
+                state.stale_reads += 1
+            self._record(finding, state, system)
         if findings and raise_stale and self._config.on_stale == "raise":
-            raise StaleReadError(findings[0])
+            error = StaleReadError(findings[0])
+            self._telemetry.stale_error(
+                state.span if state is not None else None, error
+            )
+            raise error
         return findings
 
-    def _record(self, finding: Finding) -> None:
+    def _record(
+        self,
+        finding: Finding,
+        state: _SessionState | None = None,
+        system: str | None = None,
+    ) -> None:
         with self._findings_lock:
             self._findings.append(finding)
-        self._telemetry.finding(finding)
+        span = state.span if state is not None else None
+        self._telemetry.finding(finding, span, system)
         for callback in self._finding_callbacks:
             callback(finding)
         if self._config.on_stale == "warn":
@@ -565,6 +693,7 @@ class Guard(_stale.LookupObserver):
             name = match.group(1).strip('`"[]').rsplit(".", 1)[-1]
             self._unsynchronized(orm_state.session, name, "text")
 
+    @_fail_open
     def _before_core_execute(
         self,
         connection: Connection,
@@ -619,6 +748,7 @@ class Guard(_stale.LookupObserver):
 
     # -- Session.get() and many-to-one hits (the identity-lookup hook) --------
 
+    @_fail_open
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
         if not self._installed or not self._target.covers(session):
             return False
@@ -631,6 +761,7 @@ class Guard(_stale.LookupObserver):
             return False
         return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate
 
+    @_fail_open
     def identity_hit(self, session: Session, hit: _stale.Hit) -> None:
         self._check(session, [hit], raise_stale=True)
 

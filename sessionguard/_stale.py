@@ -151,8 +151,10 @@ class CheckOutcome:
     verified: dict[str, int] = dataclasses.field(default_factory=dict)
     """Objects checked, by entity."""
     skipped_outside_greenlet: int = 0
-    hits: int = 0
-    """Objects that kept at least one attribute value from the identity map."""
+    dialect: str | None = None
+    """The dialect name of the (first) database checked."""
+    hits: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Objects that kept an attribute value from the identity map, by entity."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +297,8 @@ def check_hits(
         columns = _mapper_columns(mapper).columns
         loaded = state.dict
         if any(key in loaded and key not in hit.fresh for key in columns):
-            outcome.hits += 1
+            entity = mapper.class_.__name__
+            outcome.hits[entity] = outcome.hits.get(entity, 0) + 1
         keys = _checkable_keys(state, hit, columns)
         if keys:
             by_mapper.setdefault(mapper, []).append((state, keys))
@@ -331,6 +334,8 @@ def _check_mapper(
     location: Callable[[], str | None],
 ) -> None:
     bind = session.get_bind(mapper=mapper)
+    if outcome.dialect is None:
+        outcome.dialect = bind.dialect.name
     if bind.dialect.is_async and not in_greenlet():
         raise _OutsideGreenlet
     keys = tuple(sorted({key for _, state_keys in entries for key in state_keys}))

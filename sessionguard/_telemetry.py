@@ -1,28 +1,53 @@
 """
-Turns what the guard observes into structlog events (and counters).
+Turns what the guard observes into structlog events and OpenTelemetry signals.
 
-This is the only module that knows about logging. The detector hands it
-findings; the guard's listeners hand it transaction boundaries.
+This is the only module that knows about logging and OpenTelemetry. The
+detector hands it findings; the guard's listeners hand it transaction
+boundaries. Only ``opentelemetry-api`` is used: without an SDK the API's
+no-op providers make all of it nearly free, and span attributes are only
+computed for a recording span.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._config import GuardConfig
-    from ._findings import Finding
+    from opentelemetry.trace import Span
 
-__all__ = ["Telemetry"]
+    from ._config import GuardConfig
+    from ._findings import Finding, StaleRead
+
+__all__ = ["DB_SYSTEM_NAMES", "SPAN_NAME", "Telemetry", "db_system_name"]
+
+SPAN_NAME = "session transaction"
+SCOPE = "sessionguard"
+
+# SQLAlchemy dialect names -> OpenTelemetry `db.system.name` values.
+DB_SYSTEM_NAMES = {
+    "postgresql": "postgresql",
+    "sqlite": "sqlite",
+    "mysql": "mysql",
+    "mariadb": "mariadb",
+    "mssql": "microsoft.sql_server",
+    "oracle": "oracle.db",
+    "cockroachdb": "cockroachdb",
+}
+
+
+def db_system_name(dialect_name: str) -> str:
+    """The semantic-conventions ``db.system.name`` for a SQLAlchemy dialect."""
+    return DB_SYSTEM_NAMES.get(dialect_name, "other_sql")
 
 
 class Telemetry:
-    """The sinks of one guard: its structlog logger."""
-
-    __slots__ = ("_lock", "log")
+    """The sinks of one guard: its structlog logger, tracer and instruments."""
 
     def __init__(self, config: GuardConfig) -> None:
         self.log: Any = (
@@ -30,20 +55,79 @@ class Telemetry:
             if config.logger is not None
             else structlog.get_logger("sessionguard")
         )
-        self._lock = threading.Lock()
+        self._log_values = config.log_values
+        # Looked up now (install time): an application that configures its SDK
+        # first and installs the guard second gets its providers.
+        tracer_provider = config.tracer_provider or trace.get_tracer_provider()
+        meter_provider = config.meter_provider or metrics.get_meter_provider()
+        self.tracer = tracer_provider.get_tracer(SCOPE, __version__)
+        meter = meter_provider.get_meter(SCOPE, __version__)
+        self.transactions = meter.create_counter(
+            "sessionguard.transactions",
+            unit="{transaction}",
+            description="Session transactions, by outcome.",
+        )
+        self.transaction_duration = meter.create_histogram(
+            "sessionguard.transaction.duration",
+            unit="s",
+            description="Duration of session transactions.",
+        )
+        self.identity_map_size = meter.create_histogram(
+            "sessionguard.identity_map.size",
+            unit="{object}",
+            description="Objects in the identity map when a transaction ends.",
+        )
+        self.identity_map_hits = meter.create_counter(
+            "sessionguard.identity_map.hits",
+            unit="{object}",
+            description="Objects served from the identity map with cached attributes.",
+        )
+        self.verifications = meter.create_counter(
+            "sessionguard.verifications",
+            unit="{object}",
+            description="Objects checked against the database.",
+        )
+        self.stale_reads = meter.create_counter(
+            "sessionguard.stale_reads",
+            unit="{read}",
+            description="Objects served from the identity map whose row had changed.",
+        )
+        self.expire_all = meter.create_counter(
+            "sessionguard.expire_all",
+            unit="{call}",
+            description="Enforced expiry of a session, by reason.",
+        )
+        self.findings = meter.create_counter(
+            "sessionguard.findings",
+            unit="{finding}",
+            description="Findings of every kind.",
+        )
+        self.verification_duration = meter.create_histogram(
+            "sessionguard.verification.duration",
+            unit="s",
+            description="Time spent checking identity-map hits against the database.",
+        )
 
-    def transaction_begun(self, session_id: int, identity_map_size: int) -> None:
+    # -- transactions ---------------------------------------------------------
+
+    def transaction_begun(self, session_id: int, identity_map_size: int) -> Span:
         self.log.debug(
             "session.begin", session_id=session_id, identity_map_size=identity_map_size
         )
+        return self.tracer.start_span(SPAN_NAME, kind=SpanKind.INTERNAL)
 
     def transaction_ended(
         self,
+        span: Span | None,
+        *,
         session_id: int,
         outcome: str,
         identity_map_size: int,
         statements: int,
         duration_s: float,
+        system: str,
+        namespace: str | None,
+        stale_reads: int,
     ) -> None:
         self.log.debug(
             f"session.{outcome}",
@@ -52,6 +136,25 @@ class Telemetry:
             statements=statements,
             duration_ms=round(duration_s * 1000.0, 3),
         )
+        attributes = {"sessionguard.outcome": outcome, "db.system.name": system}
+        self.transactions.add(1, attributes)
+        self.transaction_duration.record(duration_s, attributes)
+        self.identity_map_size.record(identity_map_size, {"db.system.name": system})
+        if span is None:
+            return
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "db.system.name": system,
+                    "sessionguard.outcome": outcome,
+                    "sessionguard.identity_map.size": identity_map_size,
+                    "sessionguard.statements": statements,
+                    "sessionguard.stale_reads": stale_reads,
+                }
+            )
+            if namespace:
+                span.set_attribute("db.namespace", namespace)
+        span.end()
 
     def expired(
         self, session_id: int, reason: str, objects: int, kept_modified: int
@@ -63,11 +166,58 @@ class Telemetry:
             objects=objects,
             kept_modified=kept_modified,
         )
+        self.expire_all.add(1, {"sessionguard.reason": reason})
 
-    def finding(self, finding: Finding) -> None:
+    # -- detection --------------------------------------------------------------
+
+    def checked(
+        self,
+        system: str,
+        hits: dict[str, int],
+        verified: dict[str, int],
+        duration_s: float | None,
+    ) -> None:
+        for entity, count in hits.items():
+            self.identity_map_hits.add(count, {"sessionguard.entity": entity})
+        for entity, count in verified.items():
+            self.verifications.add(count, {"sessionguard.entity": entity})
+        if duration_s is not None:
+            self.verification_duration.record(duration_s, {"db.system.name": system})
+
+    def finding(self, finding: Finding, span: Span | None, system: str | None) -> None:
         fields = finding.to_dict()
         event = fields.pop("kind")
         self.log.warning(event, **fields)
+        self.findings.add(1, {"sessionguard.kind": finding.kind})
+        if finding.kind != "stale_read":
+            return
+        stale: StaleRead = finding  # type: ignore[assignment]
+        self.stale_reads.add(
+            1,
+            {
+                "sessionguard.entity": stale.entity,
+                "db.system.name": system or "other_sql",
+            },
+        )
+        if span is not None and span.is_recording():
+            attributes: dict[str, Any] = {
+                "sessionguard.entity": stale.entity,
+                "sessionguard.attributes": [diff.name for diff in stale.attributes],
+                "sessionguard.deleted": stale.deleted,
+            }
+            if self._log_values:
+                attributes["sessionguard.identity"] = [str(v) for v in stale.identity]
+            if stale.location:
+                path, _, line = stale.location.rpartition(":")
+                attributes["code.file.path"] = path
+                if line.isdigit():
+                    attributes["code.line.number"] = int(line)
+            span.add_event("sessionguard.stale_read", attributes)
+
+    def stale_error(self, span: Span | None, error: BaseException) -> None:
+        if span is not None and span.is_recording():
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
     def verification_error(
         self, session_id: int, entity: str, error: BaseException
@@ -77,4 +227,12 @@ class Telemetry:
             session_id=session_id,
             entity=entity,
             error=f"{type(error).__name__}: {error}",
+        )
+
+    def internal_error(self, where: str, error: BaseException) -> None:
+        self.log.error(
+            "internal_error",
+            where=where,
+            error=f"{type(error).__name__}: {error}",
+            exc_info=error,
         )
