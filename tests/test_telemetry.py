@@ -1,0 +1,357 @@
+"""OpenTelemetry spans and metrics, with the SDK's in-memory exporter and reader."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from sessionguard import StaleReadError, install_guard
+from sessionguard._version import __version__
+
+from .models import Address, User
+
+
+class Otel:
+    """An SDK tracer and meter provider with in-memory exporter and reader."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def spans(self, name: str = "session transaction") -> list[Any]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+    def metrics(self) -> dict[str, Any]:
+        """Metric name -> (unit, data points) of everything recorded."""
+        data = self.reader.get_metrics_data()
+        found: dict[str, Any] = {}
+        assert data is not None
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                assert scope_metrics.scope.name == "sessionguard"
+                assert scope_metrics.scope.version == __version__
+                for metric in scope_metrics.metrics:
+                    found[metric.name] = metric
+        return found
+
+    def points(self, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+        metric = self.metrics()[name]
+        return {
+            tuple(sorted(point.attributes.items())): point
+            for point in metric.data.data_points
+        }
+
+
+@pytest.fixture
+def otel() -> Otel:
+    return Otel()
+
+
+def _stale_workload(db: Any, session: Session) -> User:
+    """Load user 1, commit, rename it elsewhere: the next read is stale."""
+    user = session.get(User, 1)
+    assert user is not None
+    session.commit()
+    with db.engine().begin() as connection:
+        connection.execute(update(User).where(User.id == 1).values(name="bob"))
+    return user
+
+
+def test_transaction_span_shape(db, seed, otel):
+    """One INTERNAL 'session transaction' span per transaction, child of the current span."""
+    seed(db)
+    engine = db.engine()
+    install_guard(
+        engine,
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    tracer = otel.tracer_provider.get_tracer("test")
+    session = Session(engine, expire_on_commit=False)
+    with tracer.start_as_current_span("request") as request_span:
+        users = session.scalars(select(User)).all()
+        addresses = session.scalars(select(Address)).all()
+        session.commit()
+    session.scalars(select(User)).all()
+    session.rollback()
+    first, second = otel.spans()
+    assert first.kind is SpanKind.INTERNAL
+    assert first.parent is not None
+    assert first.parent.span_id == request_span.get_span_context().span_id
+    assert second.parent is None
+    assert first.instrumentation_scope.name == "sessionguard"
+    assert first.instrumentation_scope.version == __version__
+    assert dict(first.attributes) == {
+        "db.system.name": db.name,
+        "db.namespace": engine.url.database,
+        "sessionguard.outcome": "commit",
+        "sessionguard.identity_map.size": 2,
+        "sessionguard.statements": 2,
+        "sessionguard.stale_reads": 0,
+    }
+    assert second.attributes["sessionguard.outcome"] == "rollback"
+    assert second.attributes["sessionguard.statements"] == 1
+    assert first.status.status_code is StatusCode.UNSET
+    session.close()
+    del users, addresses
+
+
+def test_stale_read_span_event_and_error_status(db, seed, otel):
+    """A stale read adds a span event; a raised StaleReadError sets status ERROR."""
+    seed(db)
+    engine = db.engine()
+    install_guard(
+        engine,
+        on_stale="raise",
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    session = Session(engine, expire_on_commit=False)
+    user = _stale_workload(db, session)
+    with pytest.raises(StaleReadError):
+        session.scalars(select(User)).all()
+    session.rollback()
+    [_, stale_span] = otel.spans()
+    assert stale_span.status.status_code is StatusCode.ERROR
+    assert stale_span.attributes["sessionguard.stale_reads"] == 1
+    [stale_event] = [
+        e for e in stale_span.events if e.name == "sessionguard.stale_read"
+    ]
+    assert stale_event.attributes["sessionguard.entity"] == "User"
+    assert tuple(stale_event.attributes["sessionguard.attributes"]) == ("name",)
+    assert (
+        "sessionguard.identity" not in stale_event.attributes
+    )  # not without log_values
+    assert stale_event.attributes["code.file.path"] == __file__
+    [exception_event] = [e for e in stale_span.events if e.name == "exception"]
+    assert exception_event.attributes["exception.type"].endswith("StaleReadError")
+    for event in stale_span.events:
+        for value in event.attributes.values():
+            assert "bob" not in str(value)
+            assert "alice" not in str(value)
+    session.close()
+    del user
+
+
+def test_identity_in_span_event_only_with_log_values(sqlite_db, seed, otel):
+    """The stale-read span event carries the identity only when log_values is on."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    install_guard(engine, log_values=True, tracer_provider=otel.tracer_provider)
+    session = Session(engine, expire_on_commit=False)
+    user = _stale_workload(sqlite_db, session)
+    session.scalars(select(User)).all()
+    session.commit()
+    [event] = [e for s in otel.spans() for e in s.events]
+    assert tuple(event.attributes["sessionguard.identity"]) == ("1",)
+    session.close()
+    del user
+
+
+def test_spans_end_when_a_session_is_closed_or_collected(sqlite_db, seed, otel):
+    """A transaction ended by close() or by garbage collection leaks no span."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, tracer_provider=otel.tracer_provider)
+    closed = Session(engine)
+    closed.get(User, 1)
+    closed.close()
+    dropped = Session(engine)
+    dropped.get(User, 1)
+    del dropped
+    gc.collect()
+    spans = otel.spans()
+    assert len(spans) == 2
+    assert [s.attributes["sessionguard.outcome"] for s in spans] == ["rollback"] * 2
+    assert guard.stats().rollbacks == 2
+
+
+def test_metrics_for_a_scripted_workload(db, seed, otel):
+    """Every metric of the design: name, unit, kind, attributes and exact values."""
+    seed(db)
+    engine = db.engine()
+    install_guard(
+        engine,
+        expire={"begin"},
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    session = Session(engine, expire_on_commit=False)
+    # Transaction 1 (commit): load user 1 and address 1.
+    user = session.get(User, 1)
+    address = session.get(Address, 1)
+    session.commit()
+    with db.engine().begin() as connection:
+        connection.execute(update(User).values(name="bob"))
+    # Transaction 2 (rollback): expire at begin makes the read fresh; then
+    # the user is renamed again and read from the map twice: by get() and by
+    # the many-to-one of the address. Two stale reads.
+    assert session.scalars(select(User)).one().name == "bob"
+    with db.engine().begin() as connection:
+        connection.execute(update(User).values(name="carol"))
+    assert session.get(User, 1).name == "bob"
+    assert address.user is user
+    assert user.name == "bob"
+    session.rollback()
+    session.close()
+
+    metrics = otel.metrics()
+    system = db.name
+    units = {name: metric.unit for name, metric in metrics.items()}
+    assert units == {
+        "sessionguard.transactions": "{transaction}",
+        "sessionguard.transaction.duration": "s",
+        "sessionguard.identity_map.size": "{object}",
+        "sessionguard.identity_map.hits": "{object}",
+        "sessionguard.verifications": "{object}",
+        "sessionguard.stale_reads": "{read}",
+        "sessionguard.expire_all": "{call}",
+        "sessionguard.findings": "{finding}",
+        "sessionguard.verification.duration": "s",
+    }
+    transactions = otel.points("sessionguard.transactions")
+    assert {key: point.value for key, point in transactions.items()} == {
+        (("db.system.name", system), ("sessionguard.outcome", "commit")): 1,
+        (("db.system.name", system), ("sessionguard.outcome", "rollback")): 1,
+    }
+    durations = otel.points("sessionguard.transaction.duration")
+    assert sorted(point.count for point in durations.values()) == [1, 1]
+    [size] = otel.points("sessionguard.identity_map.size").items()
+    assert size[0] == (("db.system.name", system),)
+    assert (size[1].count, size[1].sum, size[1].max) == (2, 4, 2)
+    hits = otel.points("sessionguard.identity_map.hits")
+    assert {key: p.value for key, p in hits.items()} == {
+        (("sessionguard.entity", "User"),): 2
+    }
+    verifications = otel.points("sessionguard.verifications")
+    assert {key: p.value for key, p in verifications.items()} == {
+        (("sessionguard.entity", "User"),): 2
+    }
+    stale = otel.points("sessionguard.stale_reads")
+    assert {key: p.value for key, p in stale.items()} == {
+        (("db.system.name", system), ("sessionguard.entity", "User")): 2
+    }
+    expire = otel.points("sessionguard.expire_all")
+    assert {key: p.value for key, p in expire.items()} == {
+        (("sessionguard.reason", "begin"),): 2
+    }
+    findings = otel.points("sessionguard.findings")
+    assert {key: p.value for key, p in findings.items()} == {
+        (("sessionguard.kind", "stale_read"),): 2
+    }
+    [verification] = otel.points("sessionguard.verification.duration").items()
+    assert verification[0] == (("db.system.name", system),)
+    assert verification[1].count == 2
+    for name in metrics:
+        for point in otel.points(name).values():
+            for key in dict(point.attributes):
+                assert key in {
+                    "db.system.name",
+                    "sessionguard.outcome",
+                    "sessionguard.entity",
+                    "sessionguard.reason",
+                    "sessionguard.kind",
+                }, f"{name} has a high-cardinality attribute {key}"
+
+
+def test_global_providers_are_looked_up_at_install_time(sqlite_db, seed, monkeypatch):
+    """Without explicit providers the guard uses the globals set before install."""
+    from opentelemetry import metrics, trace
+
+    otel = Otel()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: otel.tracer_provider)
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    install_guard(engine)
+    with Session(engine) as session:
+        session.get(User, 1)
+        session.commit()
+    assert len(otel.spans()) == 1
+    assert "sessionguard.transactions" in otel.metrics()
+
+
+class _CountingNonRecordingSpan(NonRecordingSpan):
+    attribute_calls = 0
+
+    def set_attributes(self, attributes: Any) -> None:
+        type(self).attribute_calls += 1
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        type(self).attribute_calls += 1
+
+
+class _NonRecordingTracer:
+    def start_span(self, *args: Any, **kwargs: Any) -> NonRecordingSpan:
+        from opentelemetry.trace import INVALID_SPAN_CONTEXT
+
+        return _CountingNonRecordingSpan(INVALID_SPAN_CONTEXT)
+
+
+class _NonRecordingProvider:
+    def get_tracer(self, *args: Any, **kwargs: Any) -> _NonRecordingTracer:
+        return _NonRecordingTracer()
+
+
+def test_no_span_attributes_are_computed_for_a_non_recording_span(sqlite_db, seed):
+    """With a non-recording span (no SDK) the guard sets no attributes at all."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    install_guard(engine, tracer_provider=_NonRecordingProvider())
+    session = Session(engine, expire_on_commit=False)
+    user = _stale_workload(sqlite_db, session)
+    session.scalars(select(User)).all()
+    session.commit()
+    session.close()
+    assert _CountingNonRecordingSpan.attribute_calls == 0
+    del user
+
+
+def test_nests_beside_the_sqlalchemy_instrumentation(sqlite_db, seed, otel):
+    """With opentelemetry-instrumentation-sqlalchemy, query spans and the transaction span share the request parent."""
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.sqlalchemy")
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    instrumentor = instrumentation.SQLAlchemyInstrumentor()
+    instrumentor.instrument(
+        engine=engine, tracer_provider=otel.tracer_provider, skip_dep_check=True
+    )
+    try:
+        install_guard(engine, tracer_provider=otel.tracer_provider)
+        tracer = otel.tracer_provider.get_tracer("test")
+        with (
+            tracer.start_as_current_span("request") as request_span,
+            Session(engine) as session,
+        ):
+            session.get(User, 1)
+            session.scalars(select(Address)).all()
+            session.commit()
+    finally:
+        instrumentor.uninstrument()
+    request_id = request_span.get_span_context().span_id
+    spans = otel.exporter.get_finished_spans()
+    [transaction] = [s for s in spans if s.name == "session transaction"]
+    queries = [
+        s for s in spans if s.name not in ("session transaction", "request", "connect")
+    ]
+    assert len(queries) >= 2
+    assert transaction.parent.span_id == request_id
+    for query in queries:
+        assert query.parent.span_id == request_id
+        assert query.start_time >= transaction.start_time
+        assert query.end_time <= transaction.end_time
