@@ -162,6 +162,20 @@ def _fail_open(method: _Method) -> _Method:
     return listener  # type: ignore[return-value]
 
 
+def _run_by_session(execution_options: Mapping[str, Any]) -> bool:
+    """
+    Whether an ORM-enabled DML statement reached the connection via the Session.
+
+    Session.execute() passes its ``_sa_orm_*_options``; the ORM's own
+    persistence code (bulk UPDATE by primary key) passes the mapper's
+    ``compiled_cache``. An ORM statement run on ``session.connection()``
+    directly carries neither, and bypasses the identity map.
+    """
+    return execution_options.get("compiled_cache") is not None or any(
+        key.startswith("_sa_orm_") for key in execution_options
+    )
+
+
 def _user_location() -> str | None:
     """``file:line`` of the first frame outside SQLAlchemy and sessionguard."""
     frame: FrameType | None = sys._getframe(1)
@@ -555,10 +569,10 @@ class Guard(_stale.LookupObserver):
 
     @_fail_open
     def _check_dml(self, orm_state: ORMExecuteState) -> None:
+        # text() DML is checked in _before_core_execute, which sees it whether
+        # it ran through session.execute() or on session.connection().
         if orm_state.is_update or orm_state.is_delete:
             self._check_orm_dml(orm_state)
-        elif isinstance(orm_state.statement, TextClause):
-            self._check_text_dml(orm_state)
 
     def _checked_select(self, orm_state: ORMExecuteState) -> Any:
         if orm_state.is_column_load:
@@ -686,12 +700,12 @@ class Guard(_stale.LookupObserver):
             kind = "orm_update" if orm_state.is_update else "orm_delete"
             self._unsynchronized(orm_state.session, name, kind)
 
-    def _check_text_dml(self, orm_state: ORMExecuteState) -> None:
-        text = getattr(orm_state.statement, "text", "")
-        match = _TEXT_WRITE.match(text)
-        if match:
-            name = match.group(1).strip('`"[]').rsplit(".", 1)[-1]
-            self._unsynchronized(orm_state.session, name, "text")
+    @staticmethod
+    def _text_dml_table(statement: TextClause) -> str | None:
+        match = _TEXT_WRITE.match(statement.text)
+        if match is None:
+            return None
+        return match.group(1).strip('`"[]').rsplit(".", 1)[-1]
 
     @_fail_open
     def _before_core_execute(
@@ -702,17 +716,24 @@ class Guard(_stale.LookupObserver):
         params: Any,
         execution_options: Mapping[str, Any],
     ) -> None:
-        if not getattr(clauseelement, "is_dml", False):
+        if isinstance(clauseelement, TextClause):
+            name = self._text_dml_table(clauseelement)
+            kind = "text"
+        elif getattr(clauseelement, "is_dml", False):
+            if clauseelement._propagate_attrs.get(
+                "compile_state_plugin"
+            ) == "orm" and _run_by_session(execution_options):
+                return  # executed through the session: do_orm_execute's business
+            name = getattr(getattr(clauseelement, "table", None), "name", None)
+            kind = "core"
+        else:
             return
-        if clauseelement._propagate_attrs.get("compile_state_plugin") == "orm":
-            return  # executed through the session: do_orm_execute's business
+        if name is None:
+            return
         session = self._session_for_connection(connection)
         if session is None or session._flushing:
             return
-        table = getattr(clauseelement, "table", None)
-        name = getattr(table, "name", None)
-        if name is not None:
-            self._unsynchronized(session, name, "core")
+        self._unsynchronized(session, name, kind)
 
     def _session_for_connection(self, connection: Connection) -> Session | None:
         session_ref = self._connections.get(connection)

@@ -1,0 +1,1226 @@
+"""
+Stale-read detection, read path by read path, on SQLite and PostgreSQL.
+
+Every scenario first shows the bug (the stale value really reaches user code),
+then what the guard reports. Objects are always held by a local name: the
+identity map is weak, and an object nobody holds is simply loaded fresh.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import uuid
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pytest
+import structlog
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    Numeric,
+    String,
+    TypeDecorator,
+    Uuid,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    column_property,
+    defer,
+    joinedload,
+    mapped_column,
+    selectinload,
+    subqueryload,
+)
+
+import sessionguard
+from sessionguard import (
+    Guard,
+    StaleRead,
+    StaleReadError,
+    UnsynchronizedWrite,
+    install_guard,
+)
+
+from .models import Address, User
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _commit_elsewhere(db: Any, *statements: Any) -> None:
+    """Run *statements* on a second engine (its own connection) and commit."""
+    writer = db.engine()
+    with writer.begin() as connection:
+        for statement in statements:
+            connection.execute(statement)
+
+
+def _insert_users(db: Any, count: int, *, with_addresses: bool = False) -> None:
+    """Users 1..count named user-N (and address N each), committed elsewhere."""
+    users = [{"id": n, "name": f"user-{n}"} for n in range(1, count + 1)]
+    statements: list[Any] = [insert(User).values(users)]
+    if with_addresses:
+        addresses = [
+            {"id": n, "street": f"{n} Old St", "user_id": n}
+            for n in range(1, count + 1)
+        ]
+        statements.append(insert(Address).values(addresses))
+    _commit_elsewhere(db, *statements)
+
+
+def _stale(guard: Guard) -> list[StaleRead]:
+    return [f for f in guard.findings if isinstance(f, StaleRead)]
+
+
+def _unsynchronized(guard: Guard) -> list[UnsynchronizedWrite]:
+    return [f for f in guard.findings if isinstance(f, UnsynchronizedWrite)]
+
+
+def _names(finding: StaleRead) -> list[str]:
+    return [diff.name for diff in finding.attributes]
+
+
+@contextmanager
+def _sql_log(engine: Any) -> Iterator[list[str]]:
+    """Every statement the engine sends to the driver while the block runs."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _check_queries(statements: list[str]) -> list[str]:
+    """The guard's batched ``SELECT ... WHERE pk IN (...)`` among *statements*."""
+    return [
+        s
+        for s in statements
+        if s.lstrip().upper().startswith("SELECT") and " IN (" in s
+    ]
+
+
+# -- extra mapped classes, with their own tables ---------------------------------------
+
+
+class ExtraBase(DeclarativeBase):
+    pass
+
+
+class Mood(enum.Enum):
+    HAPPY = "happy"
+    GRUMPY = "grumpy"
+
+
+class PointType(TypeDecorator[tuple[int, int]]):
+    """Stored as ``"x,y"``; the ORM and Core both hand back a tuple."""
+
+    impl = String(40)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else f"{value[0]},{value[1]}"
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else tuple(int(p) for p in value.split(","))
+
+
+class Typed(ExtraBase):
+    __tablename__ = "sgd_typed"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    point: Mapped[tuple[int, int]] = mapped_column(PointType)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    amount: Mapped[decimal.Decimal] = mapped_column(Numeric(10, 2))
+    happened_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    mood: Mapped[Mood] = mapped_column(Enum(Mood))
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    reference: Mapped[uuid.UUID] = mapped_column(Uuid)
+
+
+TYPED_ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
+TYPED_VALUES: dict[str, Any] = {
+    "point": (1, 2),
+    "document": {"a": [1, 2, {"b": None}], "c": "d"},
+    "amount": decimal.Decimal("12.50"),
+    "happened_at": datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc),
+    "mood": Mood.HAPPY,
+    "blob": b"\x00\x01binary\xff",
+    "reference": uuid.UUID("87654321-4321-8765-4321-876543218765"),
+}
+TYPED_CHANGES: dict[str, Any] = {
+    "point": (1, 3),
+    "document": {"a": [1, 2, {"b": 0}], "c": "d"},
+    "amount": decimal.Decimal("12.51"),
+    "happened_at": datetime.datetime(2024, 5, 1, 12, 31, tzinfo=datetime.timezone.utc),
+    "mood": Mood.GRUMPY,
+    "blob": b"\x00\x01binary\xfe",
+    "reference": uuid.UUID("87654321-4321-8765-4321-876543218766"),
+}
+
+
+class Membership(ExtraBase):
+    __tablename__ = "sgd_memberships"
+
+    org_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    member_key: Mapped[str] = mapped_column(String(20), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20))
+
+
+class Employee(ExtraBase):
+    __tablename__ = "sgd_employees"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(50))
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "employee",
+    }
+
+
+class Engineer(Employee):
+    __tablename__ = "sgd_engineers"
+
+    id: Mapped[int] = mapped_column(ForeignKey("sgd_employees.id"), primary_key=True)
+    language: Mapped[str] = mapped_column(String(20))
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "engineer"}
+
+
+class Vehicle(ExtraBase):
+    __tablename__ = "sgd_vehicles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    type: Mapped[str] = mapped_column(String(20))
+    wheels: Mapped[int] = mapped_column(Integer)
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "type",
+        "polymorphic_identity": "vehicle",
+    }
+
+
+class Car(Vehicle):
+    doors: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "car"}
+
+
+class Truck(Vehicle):
+    payload: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "truck"}
+
+
+class Badge(ExtraBase):
+    __tablename__ = "sgd_badges"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+    shout: Mapped[str] = column_property(func.upper(label))
+
+
+@pytest.fixture
+def extra(db: Any) -> Iterator[Any]:
+    """The test database with this file's extra tables created empty."""
+    setup = db.engine()
+    ExtraBase.metadata.drop_all(setup)
+    ExtraBase.metadata.create_all(setup)
+    yield db
+    for engine in db.engines:
+        getattr(engine, "sync_engine", engine).dispose()
+    ExtraBase.metadata.drop_all(setup)
+
+
+# -- 1. read paths ---------------------------------------------------------------------
+
+
+def test_select_scalars_returns_stale_object_and_reports_it(db, seed):
+    """An ORM select() through scalars() that returns a stale User is reported."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.scalars(select(User)).one()
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        again = session.scalars(select(User).where(User.id == 1)).one()
+        assert again is user
+        assert again.name == "alice"  # the bug: the old name reaches user code
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, finding.deleted) == (
+            "User",
+            (1,),
+            False,
+        )
+        assert _names(finding) == ["name"]
+        assert finding.location is not None
+        assert finding.location.startswith(__file__)
+
+
+def test_execute_rows_return_stale_object_and_report_it(db, seed):
+    """An ORM select() through execute() rows that hold a stale User is reported."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(email="new@example.com"))
+
+        [(again,)] = session.execute(select(User)).all()
+        assert again is user
+        assert again.email is None  # the bug
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["email"]
+
+
+def test_get_returns_stale_object_and_reports_it(db, seed):
+    """Session.get() answered from the identity map without SQL is checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.scalars(select(User)).one()
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        assert session.get(User, 1).name == "alice"  # the bug
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, _names(finding)) == (
+            "User",
+            (1,),
+            ["name"],
+        )
+        assert user.name == "alice"
+        assert not session.in_transaction()  # the check began no transaction
+
+
+def test_get_one_returns_stale_object_and_reports_it(db, seed):
+    """Session.get_one() answered from the identity map is checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        assert session.get_one(User, 1).name == "alice"  # the bug
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["name"]
+        assert user is session.get_one(User, 1)
+
+
+def test_many_to_one_lazy_load_from_identity_map_is_checked(db, seed):
+    """A many-to-one lazy load answered from the identity map reports the stale User."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        assert "user" not in address.__dict__
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        with _sql_log(engine) as statements:
+            related = address.user
+        assert related is user
+        assert related.name == "alice"  # the bug
+        assert not [s for s in statements if "sg_users" in s and " IN (" not in s]
+
+        [finding] = _stale(guard)
+        assert (finding.entity, _names(finding)) == ("User", ["name"])
+
+
+def test_collection_lazy_load_reports_stale_member(db, seed):
+    """A collection lazy load that returns an Address already in the map is checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        assert "addresses" not in user.__dict__
+        session.commit()
+        _commit_elsewhere(db, update(Address).values(street="2 New St"))
+
+        assert user.addresses == [address]
+        assert user.addresses[0].street == "1 Main St"  # the bug
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, _names(finding)) == (
+            "Address",
+            (1,),
+            ["street"],
+        )
+
+
+@pytest.mark.parametrize("loader", [selectinload, subqueryload])
+def test_separate_eager_loaders_report_stale_related_object(db, seed, loader):
+    """selectinload/subqueryload returning an Address already in the map is checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(db, update(Address).values(street="2 New St"))
+
+        loaded = session.scalars(select(User).options(loader(User.addresses))).one()
+        assert loaded is user
+        assert "addresses" in user.__dict__  # the eager loader really ran
+        assert user.addresses == [address]
+        assert address.street == "1 Main St"  # the bug
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, _names(finding)) == (
+            "Address",
+            (1,),
+            ["street"],
+        )
+
+
+def test_joinedload_related_collection_in_map_is_not_checked_gap(db, seed):
+    """GAP pinned: a joinedload-ed Address already in the map is NOT checked today."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(
+            db,
+            update(Address).values(street="2 New St"),
+            update(User).values(name="bob"),
+        )
+
+        statement = select(User).options(joinedload(User.addresses))
+        loaded = session.scalars(statement).unique().one()
+        assert loaded is user
+        assert user.addresses == [address]
+        assert address.street == "1 Main St"  # the bug: stale street returned
+        assert user.name == "alice"
+
+        # Current behaviour: the top-level User is reported, the stale Address
+        # that the joined eager load handed back through user.addresses is not.
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [("User", ["name"])]
+
+
+def test_joinedload_related_many_to_one_in_map_is_not_checked_gap(db, seed):
+    """GAP pinned: a joinedload-ed many-to-one User in the map is NOT checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        statement = select(Address).options(joinedload(Address.user))
+        assert session.scalars(statement).one() is address
+        assert address.user is user
+        assert user.name == "alice"  # the bug: stale name returned
+
+        # Current behaviour: nothing reported (the Address itself is unchanged).
+        assert _stale(guard) == []
+        assert guard.stats().verified_objects == 1
+
+
+# -- 2. deleted rows, batching ---------------------------------------------------------
+
+
+def test_deleted_row_is_reported_as_deleted(db, seed):
+    """An object whose row was deleted elsewhere is reported with deleted=True."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(db, delete(Address))
+
+        again = session.get(Address, 1)
+        assert again is address
+        assert again.street == "1 Main St"  # the bug: a row that no longer exists
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, finding.deleted) == (
+            "Address",
+            (1,),
+            True,
+        )
+        assert finding.attributes == ()
+
+
+def test_many_stale_objects_are_checked_with_one_query_per_mapper(db):
+    """Three stale Users and three stale Addresses: two check queries, six findings."""
+    _insert_users(db, 3, with_addresses=True)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        rows = session.execute(select(User, Address).join(User.addresses)).all()
+        held = [obj for row in rows for obj in row]
+        session.commit()
+        _commit_elsewhere(
+            db,
+            update(User).values(name=User.name + "-renamed"),
+            update(Address).values(street="gone"),
+        )
+
+        with _sql_log(engine) as statements:
+            again = session.execute(
+                select(User, Address).join(User.addresses).order_by(User.id)
+            ).all()
+        assert {id(obj) for row in again for obj in row} == {id(obj) for obj in held}
+        assert [row[0].name for row in again] == ["user-1", "user-2", "user-3"]
+
+        checks = _check_queries(statements)
+        assert len(checks) == 2
+        assert sum("sg_users" in s.split("WHERE")[0] for s in checks) == 1
+        assert sum("sg_addresses" in s.split("WHERE")[0] for s in checks) == 1
+
+        found = sorted((f.entity, f.identity) for f in _stale(guard))
+        assert found == [
+            ("Address", (1,)),
+            ("Address", (2,)),
+            ("Address", (3,)),
+            ("User", (1,)),
+            ("User", (2,)),
+            ("User", (3,)),
+        ]
+        assert guard.stats().stale_reads == 6
+
+
+# -- 3. never cry wolf -----------------------------------------------------------------
+
+
+def test_no_finding_when_nothing_changed(db, seed):
+    """select(), get() and lazy loads of unchanged rows are checked and not reported."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        session.commit()
+
+        assert session.scalars(select(User)).one() is user
+        assert session.get(User, 1) is user
+        assert address.user is user
+        assert user.addresses == [address]
+
+        assert _stale(guard) == []
+        assert guard.stats().verified_objects >= 4  # the checks really ran
+
+
+def test_attribute_with_pending_change_is_skipped(db, seed):
+    """A modified, unflushed attribute is not compared; its unmodified sibling is."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob", email="new@example.com"))
+
+        user.name = "mine"
+        with session.no_autoflush:
+            again = session.scalars(select(User)).one()
+        assert again.name == "mine"  # the user's own pending change
+        assert again.email is None  # the bug, on the unmodified attribute
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["email"]
+        session.rollback()
+
+
+def test_attribute_assigned_its_own_value_is_compared(db, seed):
+    """Assigning the value an attribute already had is no pending change: compared."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        user.name = "alice"
+        assert not session.is_modified(user)
+        again = session.scalars(select(User)).one()
+        assert again.name == "alice"  # the bug: and a flush would not write it
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["name"]
+
+
+def test_deferred_attribute_is_not_compared(db, seed):
+    """An attribute that was never loaded (defer) is not compared."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.scalars(select(User).options(defer(User.email))).one()
+        session.commit()
+        _commit_elsewhere(db, update(User).values(email="new@example.com"))
+
+        again = session.scalars(select(User).options(defer(User.email))).one()
+        assert again is user
+        assert "email" not in user.__dict__  # nothing cached, so nothing stale
+
+        assert _stale(guard) == []
+        assert guard.stats().verified_objects == 1  # name etc. were compared
+        assert user.email == "new@example.com"
+
+
+def test_sql_expression_column_property_is_not_compared(extra):
+    """A SQL-expression column_property is not compared; only the stored column is."""
+    _commit_elsewhere(extra, insert(Badge).values(id=1, label="gold"))
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        badge = session.get(Badge, 1)
+        assert badge.shout == "GOLD"
+        session.commit()
+        _commit_elsewhere(extra, update(Badge).values(label="silver"))
+
+        again = session.scalars(select(Badge)).one()
+        assert (again.label, again.shout) == ("gold", "GOLD")  # the bug
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["label"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"populate_existing": True}, {"yield_per": 10}],
+    ids=["populate_existing", "yield_per"],
+)
+def test_populate_existing_and_yield_per_are_not_checked(db, seed, options):
+    """Statements with populate_existing or yield_per are not checked at all."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        with _sql_log(engine) as statements:
+            again = session.scalars(select(User).execution_options(**options)).one()
+        assert again is user
+        # populate_existing reads fresh; yield_per returns the stale value unchecked
+        expected = "bob" if "populate_existing" in options else "alice"
+        assert user.name == expected
+
+        assert _check_queries(statements) == []
+        assert _stale(guard) == []
+        assert guard.stats().identity_map_hits == 0
+
+
+def test_expire_all_then_read_is_fresh_and_not_reported(db, seed):
+    """After expire_all() a read reloads the row: fresh value, no finding."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        session.expire_all()
+        again = session.scalars(select(User)).one()
+        assert again is user
+        assert user.name == "bob"
+        _commit_elsewhere(db, update(User).values(name="carol"))
+        session.expire_all()
+        assert session.get(User, 1).name == "carol"
+
+        assert _stale(guard) == []
+
+
+# -- 4. PostgreSQL isolation levels ----------------------------------------------------
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_postgres_read_committed_reports_row_committed_after_load(db, seed):
+    """READ COMMITTED: a row committed elsewhere mid-transaction is reported."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        isolation = session.connection().exec_driver_sql("SHOW transaction_isolation")
+        assert isolation.scalar() == "read committed"
+        user = session.get(User, 1)
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        assert session.scalars(select(User)).one().name == "alice"  # the bug
+        assert session.in_transaction()
+
+        [finding] = _stale(guard)
+        assert _names(finding) == ["name"]
+        assert user.name == "alice"
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("isolation_level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_postgres_snapshot_isolation_reports_nothing(db, seed, isolation_level):
+    """REPEATABLE READ / SERIALIZABLE: the snapshot is the truth, nothing reported."""
+    seed(db)
+    engine = db.engine(isolation_level=isolation_level)
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        _commit_elsewhere(db, update(User).values(name="bob"))
+
+        assert session.scalars(select(User)).one().name == "alice"
+        fresh = select(User).execution_options(populate_existing=True)
+        assert session.scalars(fresh).one().name == "alice"  # the snapshot
+
+        assert _stale(guard) == []
+        assert guard.stats().verified_objects == 1  # checked, in the snapshot
+        session.rollback()
+        assert session.scalars(fresh).one().name == "bob"
+        assert user.name == "bob"
+
+
+# -- 5. column types, keys and inheritance ---------------------------------------------
+
+
+def _utc(value: Any) -> Any:
+    """Datetimes as naive UTC: SQLite keeps no offset, PostgreSQL converts it."""
+    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        return value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _seed_typed(db: Any) -> None:
+    _commit_elsewhere(db, insert(Typed).values(id=TYPED_ID, **TYPED_VALUES))
+
+
+def test_typed_columns_unchanged_give_no_false_positive(extra):
+    """TypeDecorator, JSON, Numeric, aware DateTime, Enum, bytes, Uuid: no noise."""
+    _seed_typed(extra)
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        row = session.get(Typed, TYPED_ID)
+        assert row.point == (1, 2)
+        session.commit()
+
+        assert session.scalars(select(Typed)).one() is row
+        assert session.get(Typed, TYPED_ID) is row
+
+        assert _stale(guard) == []
+        assert guard.stats().verified_objects == 2
+        assert guard.stats().verification_errors == 0
+
+
+@pytest.mark.parametrize("column", sorted(TYPED_CHANGES))
+def test_typed_column_change_is_reported(extra, column):
+    """A change to one typed column is reported, naming exactly that column."""
+    _seed_typed(extra)
+    engine = extra.engine()
+    guard = install_guard(engine, log_values=True)
+    with Session(engine, expire_on_commit=False) as session:
+        row = session.get(Typed, TYPED_ID)
+        session.commit()
+        _commit_elsewhere(extra, update(Typed).values({column: TYPED_CHANGES[column]}))
+
+        again = session.scalars(select(Typed)).one()
+        assert again is row
+        assert _utc(getattr(again, column)) == _utc(TYPED_VALUES[column])  # the bug
+
+        [finding] = _stale(guard)
+        assert finding.identity == (TYPED_ID,)
+        [diff] = finding.attributes
+        assert diff.name == column
+        assert _utc(diff.current) == _utc(TYPED_CHANGES[column])
+
+
+def test_composite_primary_key(extra):
+    """An object with a composite primary key is found, checked and reported."""
+    _commit_elsewhere(
+        extra,
+        insert(Membership).values(
+            [
+                {"org_id": 1, "member_key": "a", "role": "reader"},
+                {"org_id": 1, "member_key": "b", "role": "reader"},
+                {"org_id": 2, "member_key": "a", "role": "reader"},
+            ]
+        ),
+    )
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        held = session.scalars(select(Membership)).all()
+        session.commit()
+        assert session.get(Membership, (1, "a")).role == "reader"
+        assert _stale(guard) == []
+
+        _commit_elsewhere(
+            extra,
+            update(Membership)
+            .where(Membership.org_id == 1, Membership.member_key == "b")
+            .values(role="admin"),
+        )
+        again = session.scalars(select(Membership)).all()
+        assert {m.role for m in again} == {"reader"}  # the bug
+        assert len(held) == 3
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity, _names(finding)) == (
+            "Membership",
+            (1, "b"),
+            ["role"],
+        )
+
+
+def test_joined_table_inheritance_polymorphic_select(extra):
+    """A base select returning a joined-inheritance subclass checks both tables."""
+    _commit_elsewhere(
+        extra,
+        insert(Employee).values(id=1, kind="engineer", name="ada"),
+        text("INSERT INTO sgd_engineers (id, language) VALUES (1, 'python')"),
+        insert(Employee).values(id=2, kind="employee", name="bob"),
+    )
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        engineer = session.get(Engineer, 1)
+        plain = session.get(Employee, 2)
+        session.commit()
+        everyone = session.scalars(select(Employee).order_by(Employee.id)).all()
+        assert everyone == [engineer, plain]
+        assert _stale(guard) == []
+
+        _commit_elsewhere(
+            extra,
+            update(Employee).where(Employee.id == 1).values(name="grace"),
+            text("UPDATE sgd_engineers SET language = 'cobol' WHERE id = 1"),
+        )
+        again = session.scalars(select(Employee).order_by(Employee.id)).all()
+        assert again[0] is engineer
+        assert (engineer.name, engineer.language) == ("ada", "python")  # the bug
+
+        [finding] = _stale(guard)
+        assert (finding.entity, finding.identity) == ("Engineer", (1,))
+        assert sorted(_names(finding)) == ["language", "name"]
+
+
+def test_single_table_inheritance_polymorphic_select(extra):
+    """A base-class select returning single-table subclasses reports each stale one."""
+    _commit_elsewhere(
+        extra,
+        insert(Vehicle.__table__).values(
+            [
+                {"id": 1, "type": "car", "wheels": 4, "doors": 5, "payload": None},
+                {"id": 2, "type": "truck", "wheels": 6, "doors": None, "payload": 10},
+                {"id": 3, "type": "car", "wheels": 4, "doors": 3, "payload": None},
+            ]
+        ),
+    )
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        held = session.scalars(select(Vehicle).order_by(Vehicle.id)).all()
+        car, truck, coupe = held
+        assert (type(car), type(truck)) == (Car, Truck)
+        assert (car.doors, truck.payload, coupe.doors) == (5, 10, 3)
+        session.commit()
+        assert session.scalars(select(Vehicle)).all()
+        assert _stale(guard) == []
+
+        _commit_elsewhere(
+            extra,
+            update(Vehicle).where(Vehicle.id == 1).values(doors=3),
+            update(Vehicle).where(Vehicle.id == 2).values(wheels=8),
+        )
+        again = session.scalars(select(Vehicle).order_by(Vehicle.id)).all()
+        assert again == held
+        assert (car.doors, truck.wheels) == (5, 6)  # the bug
+
+        found = sorted((f.entity, f.identity, _names(f)) for f in _stale(guard))
+        assert found == [("Car", (1,), ["doors"]), ("Truck", (2,), ["wheels"])]
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_postgres_native_uuid_primary_key(extra):
+    """On PostgreSQL, Uuid is the native UUID type, and binds correctly in the check."""
+    _seed_typed(extra)
+    engine = extra.engine()
+    with engine.connect() as connection:
+        udt = connection.exec_driver_sql(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_name = 'sgd_typed' AND column_name = 'id'"
+        ).scalar()
+    assert udt == "uuid"
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        row = session.get(Typed, TYPED_ID)
+        session.commit()
+        _commit_elsewhere(extra, delete(Typed))
+
+        assert session.get(Typed, TYPED_ID) is row  # the bug: the row is gone
+
+        [finding] = _stale(guard)
+        assert (finding.identity, finding.deleted) == ((TYPED_ID,), True)
+        assert guard.stats().verification_errors == 0
+
+
+# -- 6. joined eager loading still needs unique() --------------------------------------
+
+
+def test_joined_eager_unique_error_is_preserved(db, seed):
+    """scalars().all() on a joined collection load still raises the unique() error."""
+    seed(db)
+    engine = db.engine()
+    statement = select(User).options(joinedload(User.addresses))
+    with Session(engine) as session, pytest.raises(InvalidRequestError) as without:
+        session.execute(statement).scalars().all()
+
+    install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        with pytest.raises(InvalidRequestError, match="unique") as guarded:
+            session.execute(statement).scalars().all()
+        assert str(guarded.value) == str(without.value)
+        assert session.execute(statement).unique().scalars().all() == [user]
+
+
+# -- 7. on_stale modes -----------------------------------------------------------------
+
+
+def _make_stale(db: Any, session: Session, **values: Any) -> User:
+    user = session.get(User, 1)
+    session.commit()
+    _commit_elsewhere(db, update(User).values(**values))
+    return user
+
+
+def test_on_stale_log_emits_redacted_warning_event(db, seed):
+    """on_stale='log': a 'stale_read' warning with the contract's fields, no values."""
+    seed(db, email="alice-private@example.com")
+    engine = db.engine()
+    install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = _make_stale(db, session, name="robert-confidential")
+        with structlog.testing.capture_logs() as logs:
+            assert session.scalars(select(User)).one().name == "alice"  # the bug
+
+    [entry] = [e for e in logs if e["event"] == "stale_read"]
+    assert entry["log_level"] == "warning"
+    assert entry["entity"] == "User"
+    assert list(entry["identity"]) == [1]
+    assert entry["deleted"] is False
+    assert entry["attributes"] == [
+        {"name": "name", "cached": "<redacted>", "current": "<redacted>"}
+    ]
+    assert entry["location"].startswith(__file__)
+    assert "session_id" in entry
+    captured = repr(logs)
+    for value in ("alice", "robert-confidential", "alice-private", "hashed"):
+        assert value not in captured
+    assert user.name == "alice"
+
+
+def test_on_stale_warn_emits_python_warning(db, seed):
+    """on_stale='warn': the stale read also raises a SessionGuardWarning."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine, on_stale="warn")
+    with Session(engine, expire_on_commit=False) as session:
+        user = _make_stale(db, session, name="bob")
+        with pytest.warns(sessionguard.SessionGuardWarning, match=r"User.*name"):
+            again = session.scalars(select(User)).one()
+        assert again.name == "alice"  # the bug: the read still returns
+        assert len(_stale(guard)) == 1
+        assert user is again
+
+
+def test_on_stale_raise_names_entity_identity_attribute_location_and_fix(db, seed):
+    """on_stale='raise': StaleReadError at the read, with a message that helps."""
+    seed(db)
+    engine = db.engine()
+    with Session(engine, expire_on_commit=False) as session:
+        user = _make_stale(db, session, name="bob")
+        assert session.scalars(select(User)).one().name == "alice"  # the bug
+
+        install_guard(engine, on_stale="raise")
+        with pytest.raises(StaleReadError) as info:
+            session.scalars(select(User)).one()
+        with pytest.raises(StaleReadError):
+            session.get(User, 1)
+    message = str(info.value)
+    assert "User" in message
+    assert "identity=(1,)" in message
+    assert "name" in message
+    assert f"{__file__}:" in message
+    assert "expire_all()" in message
+    assert "populate_existing" in message
+    assert "alice" not in message
+    assert info.value.finding.entity == "User"
+    assert user.name == "alice"
+
+
+def test_log_values_shows_values_but_redacts_secret_names(db, seed):
+    """log_values=True shows cached/current values; password_hash stays redacted."""
+    seed(db)
+    engine = db.engine()
+    install_guard(engine, log_values=True)
+    with Session(engine, expire_on_commit=False) as session:
+        user = _make_stale(db, session, name="bob", password_hash="rehashed")
+        with structlog.testing.capture_logs() as logs:
+            assert session.get(User, 1).name == "alice"  # the bug
+
+    [entry] = [e for e in logs if e["event"] == "stale_read"]
+    by_name = {diff["name"]: diff for diff in entry["attributes"]}
+    assert by_name["name"] == {"name": "name", "cached": "alice", "current": "bob"}
+    assert by_name["password_hash"] == {
+        "name": "password_hash",
+        "cached": "<redacted>",
+        "current": "<redacted>",
+    }
+    assert "rehashed" not in repr(logs)
+    assert user.password_hash == "hashed"
+
+
+# -- 8. writes that bypass the session -------------------------------------------------
+
+
+def test_text_update_with_objects_in_map_is_reported(db, seed):
+    """A text() UPDATE on a table with objects in the map is an unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.execute(text("UPDATE sg_users SET name = 'x'"))
+        assert user.name == "alice"  # the bug: the session does not know
+
+        [finding] = _unsynchronized(guard)
+        assert (finding.table, finding.statement, finding.entities) == (
+            "sg_users",
+            "text",
+            ("User",),
+        )
+        assert finding.objects == 1
+        assert finding.location is not None
+        assert finding.location.startswith(__file__)
+
+
+def test_orm_update_without_synchronize_session_is_reported(db, seed):
+    """ORM update() with synchronize_session=False is an unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.execute(
+            update(User).values(name="x").execution_options(synchronize_session=False)
+        )
+        assert user.name == "alice"  # the bug
+
+        [finding] = _unsynchronized(guard)
+        assert (finding.table, finding.statement, finding.entities) == (
+            "sg_users",
+            "orm_update",
+            ("User",),
+        )
+
+
+def test_core_update_on_session_connection_is_reported(db, seed):
+    """Core update() on session.connection() is an unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.connection().execute(update(User.__table__).values(name="x"))
+        assert user.name == "alice"  # the bug
+
+        [finding] = _unsynchronized(guard)
+        assert (finding.table, finding.statement, finding.entities) == (
+            "sg_users",
+            "core",
+            ("User",),
+        )
+
+
+def test_text_update_on_session_connection_is_reported(db, seed):
+    """A text() UPDATE run on session.connection() is an unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.connection().execute(text("UPDATE sg_users SET name = 'x'"))
+        assert user.name == "alice"  # the bug
+        assert session.execute(text("SELECT name FROM sg_users")).scalar() == "x"
+
+        [finding] = _unsynchronized(guard)
+        assert (finding.table, finding.statement, finding.entities) == (
+            "sg_users",
+            "text",
+            ("User",),
+        )
+
+
+def test_orm_update_statement_on_session_connection_is_reported(db, seed):
+    """An ORM update(User) run on session.connection() is an unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.connection().execute(update(User).values(name="x"))
+        assert user.name == "alice"  # the bug
+        assert session.execute(text("SELECT name FROM sg_users")).scalar() == "x"
+
+        [finding] = _unsynchronized(guard)
+        assert (finding.table, finding.statement, finding.entities) == (
+            "sg_users",
+            "core",
+            ("User",),
+        )
+
+
+def test_synchronized_orm_update_is_not_reported(db, seed):
+    """ORM update() with default synchronize_session or bulk by pk: no finding."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.execute(update(User).values(name="x"))
+        assert user.name == "x"
+        session.execute(update(User), [{"id": 1, "name": "y"}])
+        assert user.name == "y"
+        assert session.get(User, 1) is user
+
+        assert guard.findings == []
+
+
+def test_write_to_table_without_objects_in_map_is_not_reported(db, seed):
+    """A text(), ORM or Core write to a table none of whose objects is in the map."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        address = session.get(Address, 1)
+        session.execute(text("UPDATE sg_users SET name = 'x'"))
+        session.execute(
+            update(User).values(name="y").execution_options(synchronize_session=False)
+        )
+        session.connection().execute(update(User.__table__).values(name="z"))
+
+        assert guard.findings == []
+        assert address.street == "1 Main St"
+
+
+def test_session_own_flush_is_not_reported(db, seed):
+    """The session's own flushes (UPDATE, INSERT, DELETE): no unsynchronized_write."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        user.name = "carol"
+        session.add(User(id=2, name="dave"))
+        session.delete(address)
+        session.flush()
+        session.commit()
+        assert session.get(User, 1) is user
+
+        assert guard.findings == []
+
+
+# -- 9. Guard.verify -------------------------------------------------------------------
+
+
+def test_verify_returns_every_stale_object_in_the_map(db):
+    """Guard.verify() checks the whole map: one StaleRead per stale object."""
+    _insert_users(db, 3, with_addresses=True)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        users = session.scalars(select(User)).all()
+        addresses = session.scalars(select(Address)).all()
+        session.commit()
+        _commit_elsewhere(
+            db,
+            update(User).where(User.id == 1).values(name="renamed"),
+            delete(Address).where(Address.id == 2),
+            update(Address).where(Address.id == 3).values(street="moved"),
+        )
+        assert [u.name for u in users] == ["user-1", "user-2", "user-3"]  # the bug
+        assert [a.street for a in addresses] == ["1 Old St", "2 Old St", "3 Old St"]
+
+        found = guard.verify(session)
+
+        assert sorted((f.entity, f.identity, f.deleted, _names(f)) for f in found) == [
+            ("Address", (2,), True, []),
+            ("Address", (3,), False, ["street"]),
+            ("User", (1,), False, ["name"]),
+        ]
+        assert sorted(found, key=repr) == sorted(_stale(guard), key=repr)
+
+
+# -- 10. engine scoping ----------------------------------------------------------------
+
+
+def test_guard_on_engine_a_ignores_sessions_on_engine_b(db, seed):
+    """A guard installed on engine A checks nothing for a session bound to engine B."""
+    seed(db)
+    engine_a, engine_b = db.engine(), db.engine()
+    guard = install_guard(engine_a)
+    with (
+        Session(engine_a, expire_on_commit=False) as on_a,
+        Session(engine_b, expire_on_commit=False) as on_b,
+    ):
+        user_a, user_b = on_a.get(User, 1), on_b.get(User, 1)
+        on_a.commit()
+        on_b.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+        statements_on_a = guard.stats().statements
+
+        assert on_b.get(User, 1).name == "alice"  # the bug, on B
+        assert on_b.scalars(select(User)).one() is user_b
+        on_b.execute(text("UPDATE sg_users SET email = 'b@example.com'"))
+        on_b.rollback()
+        assert guard.findings == []
+        assert guard.stats().statements == statements_on_a
+
+        assert on_a.get(User, 1).name == "alice"  # the same bug, on A
+        assert [f.session_id for f in _stale(guard)] == [on_a.hash_key]
+        assert user_a is not user_b
