@@ -592,7 +592,7 @@ class Guard(_stale.LookupObserver):
             result = orm_state.invoke_statement()
             unique_filter = result._unique_filter_state
             frozen = result.freeze()
-        self._check_rows(session, frozen, frame)
+        self._check_rows(session, frozen, frame, orm_state.statement)
         replay = frozen()
         if unique_filter is not None:
             # freeze() drops the "joined eager load needs unique()" guard
@@ -601,9 +601,15 @@ class Guard(_stale.LookupObserver):
 
     @_fail_open
     def _check_rows(
-        self, session: Session, frozen: FrozenResult[Any], frame: _stale.Frame
+        self,
+        session: Session,
+        frozen: FrozenResult[Any],
+        frame: _stale.Frame,
+        statement: Any,
     ) -> None:
-        hits = _stale.hits_in_rows(frozen.data, frozen._source_supports_scalars, frame)
+        hits = _stale.hits_in_rows(
+            frozen.data, frozen._source_supports_scalars, frame, statement
+        )
         if hits:
             self._check(session, hits, raise_stale=True)
 

@@ -15,12 +15,13 @@ import dataclasses
 import inspect
 import threading
 import weakref
+from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, bindparam, event, exc, select, tuple_
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper, Relationship, Session
 from sqlalchemy.orm.attributes import get_state_history
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.util.concurrency import in_greenlet
@@ -28,7 +29,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from ._findings import REDACTED, AttributeDiff, StaleRead
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from sqlalchemy.orm.state import InstanceState
     from sqlalchemy.sql import Select
@@ -114,24 +115,107 @@ class Hit:
     """Attributes that the read itself (re)loaded; they cannot be stale."""
 
 
-def hits_in_rows(rows: Sequence[Any], scalars: bool, frame: Frame) -> list[Hit]:
-    """The persistent objects in *rows* that *frame* saw no full load for."""
+def hits_in_rows(
+    rows: Sequence[Any], scalars: bool, frame: Frame, statement: Any = None
+) -> list[Hit]:
+    """
+    The persistent objects a read handed back that *frame* saw no full load for.
+
+    Those are the entities of the result rows and, for joined eager loads
+    (options of *statement*, or relationships configured ``lazy="joined"``),
+    the related objects they populated.
+    """
     hits: list[Hit] = []
     seen: set[int] = set()
-    loaded = frame.loaded
-    refreshed = frame.refreshed
+    returned: list[InstanceState[Any]] = []
     for row in rows:
         for element in (row,) if scalars else row:
             state = getattr(element, "_sa_instance_state", None)
-            if state is None or state.key is None or state in loaded:
-                continue
-            marker = id(state)
-            if marker in seen:
-                continue
-            seen.add(marker)
-            fresh = refreshed.get(state)
-            hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
+            if state is not None and state.key is not None and id(state) not in seen:
+                seen.add(id(state))
+                returned.append(state)
+    for state in _joined_related(returned, statement, seen):
+        returned.append(state)
+    loaded = frame.loaded
+    refreshed = frame.refreshed
+    for state in returned:
+        if state in loaded:
+            continue
+        fresh = refreshed.get(state)
+        hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
     return hits
+
+
+_default_joined: weakref.WeakKeyDictionary[Mapper[Any], tuple[str, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _joined_paths(
+    states: Sequence[InstanceState[Any]], statement: Any
+) -> list[tuple[Mapper[Any], tuple[str, ...]]]:
+    """(mapper, relationship keys) of the joined eager loads of a read."""
+    paths: list[tuple[Mapper[Any], tuple[str, ...]]] = []
+    others: set[tuple[Mapper[Any], tuple[str, ...]]] = set()
+    for option in getattr(statement, "_with_options", ()):
+        for element in getattr(option, "context", ()):
+            natural: tuple[Any, ...] = getattr(
+                getattr(element, "path", None), "path", ()
+            )
+            if len(natural) < 3 or not isinstance(natural[0], Mapper):
+                continue
+            keys = tuple(
+                prop.key for prop in natural[1::2] if isinstance(prop, Relationship)
+            )
+            if len(keys) * 2 + 1 != len(natural):
+                continue
+            if getattr(element, "strategy", None) == (("lazy", "joined"),):
+                paths.append((natural[0], keys))
+            else:
+                others.add((natural[0], keys))
+    for mapper in {state.mapper for state in states}:
+        defaults = _default_joined.get(mapper)
+        if defaults is None:
+            defaults = tuple(
+                prop.key for prop in mapper.relationships if prop.lazy == "joined"
+            )
+            _default_joined[mapper] = defaults
+        for key in defaults:
+            if (mapper, (key,)) not in others:
+                paths.append((mapper, (key,)))
+    return paths
+
+
+def _joined_related(
+    states: Sequence[InstanceState[Any]], statement: Any, seen: set[int]
+) -> Iterator[InstanceState[Any]]:
+    if not states:
+        return
+    paths = _joined_paths(states, statement)
+    if not paths:
+        return
+    for state in list(states):
+        for root, keys in paths:
+            if state.mapper.isa(root):
+                yield from _follow(state, keys, seen)
+
+
+def _follow(
+    state: InstanceState[Any], keys: tuple[str, ...], seen: set[int]
+) -> Iterator[InstanceState[Any]]:
+    value = state.dict.get(keys[0])
+    if value is None:
+        return
+    related = value if isinstance(value, Iterable) else (value,)
+    for obj in related:
+        related_state = getattr(obj, "_sa_instance_state", None)
+        if related_state is None or related_state.key is None:
+            continue
+        if id(related_state) not in seen:
+            seen.add(id(related_state))
+            yield related_state
+        if len(keys) > 1:
+            yield from _follow(related_state, keys[1:], seen)
 
 
 def hit_after_lookup(state: InstanceState[Any], frame: Frame) -> Hit | None:

@@ -45,6 +45,7 @@ from sqlalchemy.orm import (
     defer,
     joinedload,
     mapped_column,
+    relationship,
     selectinload,
     subqueryload,
 )
@@ -408,8 +409,8 @@ def test_separate_eager_loaders_report_stale_related_object(db, seed, loader):
         )
 
 
-def test_joinedload_related_collection_in_map_is_not_checked_gap(db, seed):
-    """GAP pinned: a joinedload-ed Address already in the map is NOT checked today."""
+def test_joinedload_related_collection_member_in_map_is_checked(db, seed):
+    """A joinedload-ed Address that was already in the map is checked and reported."""
     seed(db)
     engine = db.engine()
     guard = install_guard(engine)
@@ -430,13 +431,16 @@ def test_joinedload_related_collection_in_map_is_not_checked_gap(db, seed):
         assert address.street == "1 Main St"  # the bug: stale street returned
         assert user.name == "alice"
 
-        # Current behaviour: the top-level User is reported, the stale Address
-        # that the joined eager load handed back through user.addresses is not.
-        assert [(f.entity, _names(f)) for f in _stale(guard)] == [("User", ["name"])]
+        # Both the top-level User and the Address that the joined eager load
+        # handed back through user.addresses are reported.
+        assert sorted((f.entity, _names(f)) for f in _stale(guard)) == [
+            ("Address", ["street"]),
+            ("User", ["name"]),
+        ]
 
 
-def test_joinedload_related_many_to_one_in_map_is_not_checked_gap(db, seed):
-    """GAP pinned: a joinedload-ed many-to-one User in the map is NOT checked."""
+def test_joinedload_related_many_to_one_in_map_is_checked(db, seed):
+    """A joinedload-ed many-to-one User that was already in the map is reported."""
     seed(db)
     engine = db.engine()
     guard = install_guard(engine)
@@ -451,9 +455,9 @@ def test_joinedload_related_many_to_one_in_map_is_not_checked_gap(db, seed):
         assert address.user is user
         assert user.name == "alice"  # the bug: stale name returned
 
-        # Current behaviour: nothing reported (the Address itself is unchanged).
-        assert _stale(guard) == []
-        assert guard.stats().verified_objects == 1
+        # The Address itself is unchanged; the User it joined-loaded is stale.
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [("User", ["name"])]
+        assert guard.stats().verified_objects == 2
 
 
 # -- 2. deleted rows, batching ---------------------------------------------------------
@@ -1224,3 +1228,82 @@ def test_guard_on_engine_a_ignores_sessions_on_engine_b(db, seed):
         assert on_a.get(User, 1).name == "alice"  # the same bug, on A
         assert [f.session_id for f in _stale(guard)] == [on_a.hash_key]
         assert user_a is not user_b
+
+
+def test_nested_joinedload_reports_each_stale_object_once(db, seed):
+    """joinedload(User.addresses).joinedload(Address.user) checks each object once."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        assert address.user is user
+        session.commit()
+        _commit_elsewhere(db, update(Address).values(street="2 New St"))
+        statement = select(User).options(
+            joinedload(User.addresses).joinedload(Address.user)
+        )
+        assert session.scalars(statement).unique().one() is user
+        assert address.street == "1 Main St"  # the bug: stale street returned
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [
+            ("Address", ["street"])
+        ]
+        # address.user above was one check; the joined read checks each once
+        assert guard.stats().verified_objects == 3
+
+
+def test_joinedload_of_unchanged_rows_reports_nothing(db, seed):
+    """A joined eager load over unchanged rows already in the map is no finding."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        address = session.get(Address, 1)
+        session.commit()
+        statement = select(Address).options(joinedload(Address.user))
+        assert session.scalars(statement).one() is address
+        assert address.user is user
+        assert guard.findings == []
+        assert guard.stats().verified_objects == 2
+
+
+class Owner(ExtraBase):
+    __tablename__ = "sg_owners"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Pet(ExtraBase):
+    __tablename__ = "sg_pets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("sg_owners.id"))
+    owner: Mapped[Owner] = relationship(lazy="joined")
+
+
+def test_relationship_configured_lazy_joined_is_checked(db):
+    """A relationship with lazy='joined' hands back map objects that are checked."""
+    setup = db.engine()
+    ExtraBase.metadata.create_all(setup, tables=[Owner.__table__, Pet.__table__])
+    try:
+        with Session(setup) as session:
+            session.add(Pet(id=1, owner=Owner(id=1, name="ann")))
+            session.commit()
+        engine = db.engine()
+        guard = install_guard(engine)
+        with Session(engine, expire_on_commit=False) as session:
+            owner = session.get(Owner, 1)
+            pet = session.get(Pet, 1)
+            session.commit()
+            _commit_elsewhere(db, update(Owner).values(name="ben"))
+            assert session.scalars(select(Pet)).one() is pet
+            assert pet.owner is owner
+            assert owner.name == "ann"  # the bug: stale name returned
+            assert [(f.entity, _names(f)) for f in _stale(guard)] == [
+                ("Owner", ["name"])
+            ]
+    finally:
+        ExtraBase.metadata.drop_all(setup, tables=[Pet.__table__, Owner.__table__])
