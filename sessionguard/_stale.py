@@ -295,23 +295,32 @@ def _statement(mapper: Mapper[Any], keys: tuple[str, ...]) -> Select[Any]:
     return statement
 
 
-def _checkable_keys(
+def _cached_keys(
     state: InstanceState[Any], hit: Hit, columns: dict[str, Column[Any]]
-) -> list[str]:
-    """Loaded, unmodified plain-column attributes of the object."""
+) -> tuple[bool, list[str]]:
+    """
+    (whether the object kept any attribute from the map, and which of those
+    are unmodified: the ones to compare).
+    """
     loaded = state.dict
+    fresh = hit.fresh
     committed = state.committed_state
+    cached = False
     keys = []
     for key in columns:
-        if key not in loaded or key in hit.fresh:
+        if key not in loaded or key in fresh:
             continue
+        cached = True
+        # committed_state also holds attributes assigned the value they had:
+        # only a real change in history keeps an attribute from the check.
         if (
-            key in committed
+            committed
+            and key in committed
             and get_state_history(state, key, PASSIVE_NO_INITIALIZE).has_changes()
         ):
             continue
         keys.append(key)
-    return keys
+    return cached, keys
 
 
 class _Borrowed:
@@ -373,17 +382,21 @@ def check_hits(
     """
     outcome = CheckOutcome()
     by_mapper: dict[Mapper[Any], list[tuple[InstanceState[Any], list[str]]]] = {}
+    session_id = session.hash_key
+    columns_of: dict[Mapper[Any], dict[str, Column[Any]]] = {}
     for hit in hits:
         state = hit.state
-        if state.session_id != session.hash_key or state.deleted or state.detached:
+        # Objects of this session only, and not deleted by its own flush.
+        if state.session_id != session_id or state._deleted:
             continue
         mapper = state.mapper
-        columns = _mapper_columns(mapper).columns
-        loaded = state.dict
-        if any(key in loaded and key not in hit.fresh for key in columns):
+        columns = columns_of.get(mapper)
+        if columns is None:
+            columns = columns_of[mapper] = _mapper_columns(mapper).columns
+        cached, keys = _cached_keys(state, hit, columns)
+        if cached:
             entity = mapper.class_.__name__
             outcome.hits[entity] = outcome.hits.get(entity, 0) + 1
-        keys = _checkable_keys(state, hit, columns)
         if keys:
             by_mapper.setdefault(mapper, []).append((state, keys))
     for mapper, entries in by_mapper.items():
@@ -431,6 +444,8 @@ def _check_mapper(
     entity = mapper.class_.__name__
     outcome.verified[entity] = outcome.verified.get(entity, 0) + len(entries)
     where: str | None = None
+    position = {key: pk_width + index for index, key in enumerate(keys)}
+    types = {key: columns[key].type for key in keys}
     for state, state_keys in entries:
         assert state.key is not None
         identity = tuple(state.key[1])
@@ -440,8 +455,8 @@ def _check_mapper(
             loaded = state.dict
             for key in state_keys:
                 cached = loaded.get(key)
-                current = row[pk_width + keys.index(key)]
-                if not columns[key].type.compare_values(cached, current):
+                current = row[position[key]]
+                if not types[key].compare_values(cached, current):
                     diffs.append(_diff(config, key, cached, current))
             if not diffs:
                 continue
