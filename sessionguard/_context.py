@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["RequestContext", "current_request", "request_context"]
+__all__ = ["RequestContext", "current_request", "enter_request", "request_context"]
 
 _ids = itertools.count(1)
 
@@ -35,6 +35,15 @@ _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar
 def current_request() -> RequestContext | None:
     """The innermost active request context, or ``None``."""
     return _current.get()
+
+
+def enter_request(request_id: str | None = None) -> RequestContext:
+    """Make a new request context current, for a context that will be discarded."""
+    context = RequestContext(
+        request_id if request_id is not None else f"request-{next(_ids)}"
+    )
+    _current.set(context)
+    return context
 
 
 @contextmanager
