@@ -37,7 +37,7 @@ from ._telemetry import Telemetry, db_system_name
 from .exceptions import SessionGuardError, SessionGuardWarning, StaleReadError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
     from types import FrameType, TracebackType
 
     from opentelemetry.trace import Span
@@ -176,17 +176,32 @@ def _run_by_session(execution_options: Mapping[str, Any]) -> bool:
     )
 
 
+def _caller_frames() -> Iterator[FrameType]:
+    """The caller's frames, then those of each parent greenlet in turn."""
+    frame: FrameType | None = sys._getframe(2)
+    # Under asyncio the ORM runs in a greenlet whose own stack ends inside
+    # SQLAlchemy; the user's coroutine is on the parent greenlet's stack.
+    greenlet_module = sys.modules.get("greenlet")
+    current = greenlet_module.getcurrent() if greenlet_module is not None else None
+    while True:
+        while frame is not None:
+            yield frame
+            frame = frame.f_back
+        current = current.parent if current is not None else None
+        if current is None:
+            return
+        frame = current.gr_frame
+
+
 def _user_location() -> str | None:
     """``file:line`` of the first frame outside SQLAlchemy and sessionguard."""
-    frame: FrameType | None = sys._getframe(1)
     fallback = None
-    while frame is not None:
+    for frame in _caller_frames():
         filename = frame.f_code.co_filename
         if not filename.startswith(_SKIPPED):
             if "greenlet" not in filename and not filename.startswith("<frozen"):
                 return f"{filename}:{frame.f_lineno}"
             fallback = fallback or f"{filename}:{frame.f_lineno}"
-        frame = frame.f_back
     return fallback
 
 
