@@ -3,6 +3,8 @@ The ``sessionguard`` command.
 
 ``sessionguard demo`` plays the classic bug on an embedded SQLite database:
 a session that outlives a request reads a row that another session changed.
+``sessionguard doctor URL [URL ...]`` explains what in each database's
+configuration affects read-after-write visibility, and diffs several.
 """
 
 from __future__ import annotations
@@ -195,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a SQLAlchemy URL to use instead of a temporary SQLite file "
         "(the demo creates and drops its own table)",
     )
+    doctor = commands.add_parser(
+        "doctor",
+        help="explain what in each database's configuration affects what a "
+        "session reads; with several URLs, diff them (exit 1 on a difference "
+        "that matters)",
+    )
+    doctor.add_argument("urls", nargs="+", metavar="URL", help="SQLAlchemy URLs")
     return parser
 
 
@@ -204,6 +213,10 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     stream: TextIO = out if out is not None else sys.stdout
     if arguments.command == "demo":
         return _demo(stream, arguments.database_url)
+    if arguments.command == "doctor":
+        from ._doctor import doctor
+
+        return doctor(arguments.urls, stream)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
