@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sessionguard import install_guard
 
 from ._dashboard import (
+    DASHBOARD_PATH,
     Workload,
     exposed_names,
     expressions,
@@ -112,3 +113,13 @@ def test_every_metric_the_guard_emits_is_on_the_dashboard(emitted):
     assert families <= {family(name) for name in referenced}, sorted(
         families - {family(name) for name in referenced}
     )
+
+
+def test_dashboards_page_shows_every_query_of_the_dashboard():
+    """docs/dashboards.md quotes each panel's PromQL exactly as the JSON has it."""
+    dashboard = load_dashboard()
+    page = (DASHBOARD_PATH.parent.parent / "dashboards.md").read_text(encoding="utf-8")
+    missing = [where for where, expr in expressions(dashboard) if expr not in page]
+    assert not missing, f"PromQL not quoted in docs/dashboards.md: {missing}"
+    for panel in panels(dashboard):
+        assert f"**{panel['title']}**" in page, panel["title"]
