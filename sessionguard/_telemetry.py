@@ -41,6 +41,17 @@ DB_SYSTEM_NAMES = {
 }
 
 
+# Advisory histogram boundaries (the SDK's defaults, 0-10000, put every
+# sub-second duration into one bucket). A View configured by the user wins.
+SECONDS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+OBJECTS_BUCKETS = (
+    0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000,
+)  # fmt: skip
+
+
 def db_system_name(dialect_name: str) -> str:
     """The semantic-conventions ``db.system.name`` for a SQLAlchemy dialect."""
     return DB_SYSTEM_NAMES.get(dialect_name, "other_sql")
@@ -71,11 +82,13 @@ class Telemetry:
             "sessionguard.transaction.duration",
             unit="s",
             description="Duration of session transactions.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.identity_map_size = meter.create_histogram(
             "sessionguard.identity_map.size",
             unit="{object}",
             description="Objects in the identity map when a transaction ends.",
+            explicit_bucket_boundaries_advisory=OBJECTS_BUCKETS,
         )
         self.identity_map_hits = meter.create_counter(
             "sessionguard.identity_map.hits",
@@ -106,6 +119,7 @@ class Telemetry:
             "sessionguard.verification.duration",
             unit="s",
             description="Time spent checking identity-map hits against the database.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     # -- transactions ---------------------------------------------------------
