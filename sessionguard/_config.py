@@ -143,11 +143,14 @@ class GuardConfig:
         object.__setattr__(self, "expire", _check_expire(self.expire))
 
         redact = self.redact
-        if not isinstance(redact, tuple) or not all(
+        if not isinstance(redact, (tuple, list, Set)) or not all(
             isinstance(p, str) and p for p in redact
         ):
             raise _fail("redact", redact, "a tuple of non-empty strings")
-        object.__setattr__(self, "redact", tuple(p.lower() for p in redact))
+        # A list or set is accepted too; kept as a tuple so the config hashes.
+        object.__setattr__(
+            self, "redact", tuple(sorted({p.lower() for p in redact}, key=str))
+        )
 
         if (
             isinstance(self.max_findings, bool)

@@ -798,7 +798,8 @@ class Guard(_stale.LookupObserver):
             session.get_bind(mapper=mapper)
         ):
             return False
-        self._check_request(session, self._state(session))
+        if current_request() is not None:
+            self._check_request(session, self._state(session))
         if not self._detect:
             return False
         return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate

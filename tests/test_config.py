@@ -72,6 +72,12 @@ def test_overrides_to_install_guard_are_validated_too():
         install_guard(None, sample_rate=7)
 
 
+def test_redact_accepts_a_list_or_set_and_keeps_a_tuple():
+    """redact may be given as any collection of strings; it is kept as a tuple."""
+    assert GuardConfig(redact=["SSN", "iban"]).redact == ("iban", "ssn")
+    assert GuardConfig(redact={"pin"}).is_redacted("card_PIN")
+
+
 def test_expire_accepts_any_collection_and_freezes_it():
     """expire is normalised to a frozenset."""
     assert GuardConfig(expire=["commit", "begin"]).expire == frozenset(
