@@ -201,16 +201,16 @@ def _resolve(config: pytest.Config) -> _Resolved:
         return _Resolved(_parse(env, "environment variable SESSIONGUARD"), "env")
     ini = str(config.getini(_INI) or "")
     if ini.strip():
-        where = f" in {config.inipath}" if config.inipath else ""
-        return _Resolved(_parse(ini, f"ini option sessionguard{where}:"), "ini")
+        where = f" (set in {config.inipath})" if config.inipath else ""
+        return _Resolved(_parse(ini, "ini option sessionguard", where), "ini")
     return _Resolved(Mode.OFF, "default")
 
 
-def _parse(value: str, source: str) -> Mode:
+def _parse(value: str, source: str, where: str = "") -> Mode:
     try:
         return parse_mode(value, source)
     except SessionGuardError as error:
-        raise pytest.UsageError(str(error)) from None
+        raise pytest.UsageError(f"{error}{where}") from None
 
 
 def _guard_config(mode: Mode) -> GuardConfig:
