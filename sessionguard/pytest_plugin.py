@@ -272,15 +272,20 @@ def _enter(item: pytest.Item, phase: str) -> None:
         state.running = _Running(item, phase)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    marker = item.get_closest_marker("sessionguard")
-    if marker is not None and (marker.args or set(marker.kwargs) - {"allow_stale"}):
+def _check_marker(marker: pytest.Mark) -> None:
+    if marker.args or set(marker.kwargs) - {"allow_stale"}:
         pytest.fail(
             "@pytest.mark.sessionguard takes only allow_stale=True or False, "
             f"not {marker.args!r} {marker.kwargs!r}",
             pytrace=False,
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    marker = item.get_closest_marker("sessionguard")
+    if marker is not None and _state(item.config) is not None:
+        _check_marker(marker)
     _enter(item, "setup")
     return (yield)
 
