@@ -129,9 +129,15 @@ def seed() -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _uninstall_guards() -> Iterator[None]:
+def _uninstall_guards(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every guard a test installed is uninstalled, and no hook is left behind."""
+    from sessionguard import pytest_plugin
+
     yield
+    plugin_state = pytest_plugin._state(request.config)
+    plugin_guard = plugin_state.guard if plugin_state is not None else None
     for guard in list(_guard._installed.values()):
-        guard.uninstall()
-    assert _stale._hooks.users == 0, "a guard left the process-wide hooks installed"
+        if guard is not plugin_guard:
+            guard.uninstall()
+    if plugin_guard is None:
+        assert _stale._hooks.users == 0, "a guard left the process-wide hooks installed"
