@@ -605,7 +605,11 @@ class Guard(_stale.LookupObserver):
         session = orm_state.session
         with _stale.push_frame(session) as frame:
             result = orm_state.invoke_statement()
+            # A joined eager load of a collection makes the result demand
+            # unique(); the caller asks for it on the replay, not here. Freeze
+            # without the demand and hand it back to the replay.
             unique_filter = result._unique_filter_state
+            result._unique_filter_state = None
             frozen = result.freeze()
         self._check_rows(session, frozen, frame, orm_state.statement)
         replay = frozen()

@@ -921,6 +921,38 @@ def test_joined_eager_unique_error_is_preserved(db, seed):
         assert session.execute(statement).unique().scalars().all() == [user]
 
 
+_JOINED_READS = {
+    "multi-entity execute().unique()": lambda session: session.execute(
+        select(User, Address)
+        .join(User.addresses)
+        .options(joinedload(User.addresses))
+    )
+    .unique()
+    .all(),
+    "column and entity execute().unique()": lambda session: session.execute(
+        select(User.id, User).options(joinedload(User.addresses))
+    )
+    .unique()
+    .all(),
+    "legacy Query uniquing by itself": lambda session: session.query(User, Address)
+    .join(User.addresses)
+    .options(joinedload(User.addresses))
+    .all(),
+}
+
+
+@pytest.mark.parametrize("read", sorted(_JOINED_READS))
+def test_joined_eager_reads_that_unique_work_as_without_a_guard(db, seed, read):
+    """Reads that call unique() (or need not) return the same rows under a guard."""
+    seed(db)
+    engine = db.engine()
+    with Session(engine) as session:
+        without = len(_JOINED_READS[read](session))
+    install_guard(engine)
+    with Session(engine) as session:
+        assert len(_JOINED_READS[read](session)) == without == 1
+
+
 # -- 7. on_stale modes -----------------------------------------------------------------
 
 
