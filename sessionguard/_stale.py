@@ -23,7 +23,7 @@ from sqlalchemy import Column, bindparam, event, exc, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, Relationship, Session
 from sqlalchemy.orm.attributes import get_state_history
-from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_OFF, SQL_OK
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._findings import REDACTED, AttributeDiff, StaleRead
@@ -543,6 +543,16 @@ def _guarded_identity_lookup(
     observers = _hooks.observers
     original = _hooks.original_identity_lookup
     if not observers:
+        return original(self, mapper, *args, **kwargs)
+    # (primary_key_identity, identity_token, passive, ...): a lookup whose
+    # passive flags forbid SQL only peeks at the map (a backref fetching the
+    # old value of an assignment, the unit of work): it is not a read.
+    passive = (
+        kwargs["passive"]
+        if "passive" in kwargs
+        else (args[2] if len(args) > 2 else PASSIVE_OFF)
+    )
+    if not passive & SQL_OK or self._flushing:
         return original(self, mapper, *args, **kwargs)
     interested = [o for o in observers if o.covers_lookup(self, mapper)]
     if not interested:

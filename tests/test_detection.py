@@ -1339,3 +1339,27 @@ def test_relationship_configured_lazy_joined_is_checked(db):
             ]
     finally:
         ExtraBase.metadata.drop_all(setup, tables=[Pet.__table__, Owner.__table__])
+
+
+def test_assigning_a_many_to_one_is_not_a_read(db, seed):
+    """Assigning a many-to-one peeks at the map without SQL: no check, no raise."""
+    seed(db)
+    engine = db.engine()
+    with Session(db.engine()) as setup:
+        setup.add(User(id=2, name="bea"))
+        setup.commit()
+    guard = install_guard(engine, on_stale="raise")
+    session = Session(engine, expire_on_commit=False)
+    first = session.get(User, 1)
+    second = session.get(User, 2)
+    address = session.scalars(select(Address)).one()  # address.user not loaded
+    session.commit()
+    _commit_elsewhere(db, update(User).where(User.id == 1).values(name="bob"))
+    assert first.name == "alice"  # stale in the map, but not read below
+    with _sql_log(engine) as statements:
+        address.user = second  # the backref fetches the old value, passively
+    assert statements == []
+    assert guard.stats().verified_objects == 0
+    assert guard.findings == []
+    session.rollback()
+    session.close()
