@@ -262,11 +262,17 @@ def _mapper_columns(mapper: Mapper[Any]) -> _MapperColumns:
     if cached is not None:
         return cached
     tables = set(mapper.tables)
+    primary_key = set(mapper.primary_key)
     columns: dict[str, Column[Any]] = {}
     for prop in mapper.column_attrs:
         column = prop.columns[0]
         # SQL-expression column_property()s are computed, not stored: skip.
-        if isinstance(column, Column) and column.table in tables:
+        # The primary key is the identity the row is found by, not compared.
+        if (
+            isinstance(column, Column)
+            and column.table in tables
+            and not primary_key.intersection(prop.columns)
+        ):
             columns[prop.key] = column
     result = _MapperColumns(columns)
     with _cache_lock:
@@ -441,6 +447,7 @@ def _check_mapper(
     pk_width = len(mapper.primary_key)
     identities = [state.key[1] for state, _ in entries if state.key is not None]
     rows = _fetch(session, mapper, statement, identities, pk_width)
+    entries, rows = _pair_normalised_keys(entries, rows)
     entity = mapper.class_.__name__
     outcome.verified[entity] = outcome.verified.get(entity, 0) + len(entries)
     where: str | None = None
@@ -474,6 +481,39 @@ def _check_mapper(
         )
 
 
+def _pair_normalised_keys(
+    entries: list[tuple[InstanceState[Any], list[str]]],
+    rows: dict[tuple[Any, ...], Sequence[Any]],
+) -> tuple[
+    list[tuple[InstanceState[Any], list[str]]], dict[tuple[Any, ...], Sequence[Any]]
+]:
+    """
+    Cope with a database that hands the primary key back changed.
+
+    A CHAR(n) key comes back blank-padded, a case-insensitive collation
+    matches another case: the row exists under a key that differs from the
+    identity. A row that matches no identity means some unmatched object may
+    be that row, so "deleted" cannot be told: one unmatched object and one
+    unmatched row are paired; with more, the unmatched objects are left
+    unchecked (no finding) rather than reported deleted.
+    """
+    wanted = {tuple(state.key[1]) for state, _ in entries if state.key is not None}
+    strays = [key for key in rows if key not in wanted]
+    if not strays:
+        return entries, rows
+    unmatched = [
+        entry
+        for entry in entries
+        if entry[0].key is not None and tuple(entry[0].key[1]) not in rows
+    ]
+    if len(unmatched) == 1 and len(strays) == 1:
+        state = unmatched[0][0]
+        assert state.key is not None
+        return entries, {**rows, tuple(state.key[1]): rows[strays[0]]}
+    keep = [entry for entry in entries if entry not in unmatched]
+    return keep, rows
+
+
 def _diff(config: GuardConfig, key: str, cached: Any, current: Any) -> AttributeDiff:
     if config.log_values and not config.is_redacted(key):
         return AttributeDiff(key, cached, current)
@@ -491,9 +531,15 @@ def _fetch(
     connection = borrowed.connection
     savepoint = None
     try:
-        if not borrowed.owned and connection.dialect.name == "postgresql":
+        if (
+            not borrowed.owned
+            and connection.dialect.name == "postgresql"
+            and connection.in_transaction()
+            and not _autocommit(connection)
+        ):
             # A failed statement aborts a PostgreSQL transaction; the SAVEPOINT
-            # keeps the user's transaction alive if the check fails.
+            # keeps the user's transaction alive if the check fails. (Under
+            # AUTOCOMMIT there is no transaction to keep, and no SAVEPOINT.)
             savepoint = connection.begin_nested()
         rows: dict[tuple[Any, ...], Sequence[Any]] = {}
         for start in range(0, len(identities), _BATCH):
@@ -512,6 +558,12 @@ def _fetch(
             connection.close()
         elif borrowed.restore_autobegin and connection.in_transaction():
             connection.rollback()
+
+
+def _autocommit(connection: Connection) -> bool:
+    """Whether the connection runs in AUTOCOMMIT (same check on 2.0 and 2.1)."""
+    check = getattr(connection, "_is_autocommit_isolation", None)
+    return bool(check()) if check is not None else False
 
 
 class LookupObserver:

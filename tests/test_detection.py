@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 import structlog
 from sqlalchemy import (
+    CHAR,
     JSON,
     DateTime,
     Enum,
@@ -922,22 +923,26 @@ def test_joined_eager_unique_error_is_preserved(db, seed):
 
 
 _JOINED_READS = {
-    "multi-entity execute().unique()": lambda session: session.execute(
-        select(User, Address)
+    "multi-entity execute().unique()": lambda session: (
+        session.execute(
+            select(User, Address)
+            .join(User.addresses)
+            .options(joinedload(User.addresses))
+        )
+        .unique()
+        .all()
+    ),
+    "column and entity execute().unique()": lambda session: (
+        session.execute(select(User.id, User).options(joinedload(User.addresses)))
+        .unique()
+        .all()
+    ),
+    "legacy Query uniquing by itself": lambda session: (
+        session.query(User, Address)
         .join(User.addresses)
         .options(joinedload(User.addresses))
-    )
-    .unique()
-    .all(),
-    "column and entity execute().unique()": lambda session: session.execute(
-        select(User.id, User).options(joinedload(User.addresses))
-    )
-    .unique()
-    .all(),
-    "legacy Query uniquing by itself": lambda session: session.query(User, Address)
-    .join(User.addresses)
-    .options(joinedload(User.addresses))
-    .all(),
+        .all()
+    ),
 }
 
 
@@ -1363,3 +1368,49 @@ def test_assigning_a_many_to_one_is_not_a_read(db, seed):
     assert guard.findings == []
     session.rollback()
     session.close()
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_autocommit_engine_is_checked_without_a_savepoint(db, seed):
+    """On a PostgreSQL AUTOCOMMIT engine the check runs (no SAVEPOINT to fail on)."""
+    seed(db)
+    engine = db.engine(isolation_level="AUTOCOMMIT")
+    guard = install_guard(engine)
+    session = Session(engine, expire_on_commit=False)
+    user = session.get(User, 1)
+    _commit_elsewhere(db, update(User).values(name="bob"))
+    assert session.scalars(select(User)).one().name == "alice"  # stale, returned
+    assert guard.stats().verification_errors == 0
+    assert [(f.entity, _names(f)) for f in _stale(guard)] == [("User", ["name"])]
+    session.close()
+    del user
+
+
+class Code(ExtraBase):
+    __tablename__ = "sg_codes"
+
+    code: Mapped[str] = mapped_column(CHAR(5), primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_blank_padded_char_key_is_neither_deleted_nor_stale(db):
+    """A CHAR(n) key the database hands back padded still finds its row."""
+    setup = db.engine()
+    ExtraBase.metadata.create_all(setup, tables=[Code.__table__])
+    try:
+        engine = db.engine()
+        guard = install_guard(engine)
+        with Session(engine, expire_on_commit=False) as session:
+            code = Code(code="ab", label="first")
+            session.add(code)
+            session.commit()
+            assert session.get(Code, "ab") is code
+            assert guard.findings == []
+            assert guard.stats().verified_objects == 1
+            _commit_elsewhere(db, update(Code).values(label="second"))
+            assert session.get(Code, "ab").label == "first"  # stale, returned
+            [finding] = _stale(guard)
+            assert (finding.deleted, _names(finding)) == (False, ["label"])
+    finally:
+        ExtraBase.metadata.drop_all(setup, tables=[Code.__table__])
