@@ -63,7 +63,7 @@ class GuardStats:
     verification_errors: int = 0
     max_identity_map_size: int = 0
     skipped_checks: int = 0
-    """Identity-map hits not checked: reached outside the asyncio greenlet."""
+    """Identity-map hits not checked: outside the asyncio greenlet, or sharded."""
     internal_errors: int = 0
     """Failures inside the guard itself, logged as ``internal_error``."""
 
@@ -657,8 +657,9 @@ class Guard(_stale.LookupObserver):
         else:
             system = db_system_name(outcome.dialect or "")
         self._telemetry.checked(system, outcome.hits, outcome.verified, duration)
-        if outcome.skipped_outside_greenlet:
-            counters.add("skipped_checks", outcome.skipped_outside_greenlet)
+        skipped = outcome.skipped_outside_greenlet + outcome.skipped_identity_token
+        if skipped:
+            counters.add("skipped_checks", skipped)
         for entity, error in outcome.errors:
             counters.add("verification_errors")
             self._telemetry.verification_error(session.hash_key, entity, error)

@@ -235,6 +235,7 @@ class CheckOutcome:
     verified: dict[str, int] = dataclasses.field(default_factory=dict)
     """Objects checked, by entity."""
     skipped_outside_greenlet: int = 0
+    skipped_identity_token: int = 0
     dialect: str | None = None
     """The dialect name of the (first) database checked."""
     hits: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -394,6 +395,11 @@ def check_hits(
         state = hit.state
         # Objects of this session only, and not deleted by its own flush.
         if state.session_id != session_id or state._deleted:
+            continue
+        if state.key is not None and state.key[2] is not None:
+            # An identity token (horizontal sharding): which shard holds the
+            # row is the sharded session's business; not checked, counted.
+            outcome.skipped_identity_token += 1
             continue
         mapper = state.mapper
         columns = columns_of.get(mapper)

@@ -1414,3 +1414,35 @@ def test_blank_padded_char_key_is_neither_deleted_nor_stale(db):
             assert (finding.deleted, _names(finding)) == (False, ["label"])
     finally:
         ExtraBase.metadata.drop_all(setup, tables=[Code.__table__])
+
+
+def test_sharded_objects_are_skipped_not_misreported(tmp_path):
+    """Objects with an identity token (horizontal sharding) are skipped and counted."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+    shards = {
+        name: create_engine(f"sqlite:///{tmp_path / name}.sqlite") for name in "ab"
+    }
+    for name, engine in shards.items():
+        ExtraBase.metadata.create_all(engine, tables=[Owner.__table__])
+        with Session(engine) as setup:
+            setup.add(Owner(id=1, name=f"in-{name}"))
+            setup.commit()
+    guard = install_guard(None)
+    session = ShardedSession(
+        shards=shards,
+        shard_chooser=lambda mapper, instance, clause=None: "a",
+        identity_chooser=lambda *args, **kwargs: ["a", "b"],
+        execute_chooser=lambda context: ["a", "b"],
+        expire_on_commit=False,
+    )
+    owners = session.scalars(select(Owner)).all()  # Owner 1 from a and from b
+    assert sorted(owner.name for owner in owners) == ["in-a", "in-b"]
+    again = session.scalars(select(Owner)).all()
+    assert sorted(owner.name for owner in again) == ["in-a", "in-b"]
+    assert guard.findings == []
+    assert guard.stats().skipped_checks == 2
+    session.close()
+    for engine in shards.values():
+        engine.dispose()
