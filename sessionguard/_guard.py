@@ -130,6 +130,9 @@ class _SessionState:
 # doubles it, and one remove() then leaves an orphan.
 _installed: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _installed_lock = threading.Lock()
+# Every installed guard, also those whose target was collected before they
+# were uninstalled (the test suite's clean-up walks it).
+_live: set[Guard] = set()
 
 _SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__)) + os.sep
 # sessionguard's private modules; the public ones (cli, testing, ...) can be
@@ -295,8 +298,10 @@ class Guard(_stale.LookupObserver):
             if not self._installed:
                 return
             self._installed = False
-            if _installed.get(self._target.key) is self:
-                del _installed[self._target.key]
+            key = self._target.key
+            if key is not None and _installed.get(key) is self:
+                del _installed[key]
+            _live.discard(self)
         for target_ref, identifier, function in reversed(self._listeners):
             target = target_ref()
             if target is not None and event.contains(target, identifier, function):
@@ -331,12 +336,15 @@ class Guard(_stale.LookupObserver):
     def _install(self) -> None:
         target = self._target
         if target.async_maker is not None:
-            maker = target.async_maker
+            maker_ref = weakref.ref(target.async_maker)
             missing = object()
-            previous = maker.kw.get("sync_session_class", missing)
-            maker.kw["sync_session_class"] = target.listen_on
+            previous = target.async_maker.kw.get("sync_session_class", missing)
+            target.async_maker.kw["sync_session_class"] = target.listen_on
 
             def restore() -> None:
+                maker = maker_ref()
+                if maker is None:
+                    return
                 if previous is missing:
                     maker.kw.pop("sync_session_class", None)
                 else:
@@ -381,7 +389,7 @@ class Guard(_stale.LookupObserver):
     ) -> None:
         if transaction.parent is not None:
             return  # a SAVEPOINT inside a transaction we already track
-        if self._target.engine is not None and not self._on_engine(connection):
+        if self._target.engine_scoped and not self._on_engine(connection):
             return
         state = self._state(session)
         tracked = state.transaction() if state.transaction is not None else None
@@ -568,7 +576,7 @@ class Guard(_stale.LookupObserver):
     def _before_statement(self, orm_state: ORMExecuteState) -> bool:
         """Count the statement; whether it is to be checked."""
         session = orm_state.session
-        if self._target.engine is not None and not self._on_engine(
+        if self._target.engine_scoped and not self._on_engine(
             session.get_bind(**orm_state.bind_arguments)
         ):
             return False
@@ -799,7 +807,7 @@ class Guard(_stale.LookupObserver):
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
         if not self._installed or not self._target.covers(session):
             return False
-        if self._target.engine is not None and not self._on_engine(
+        if self._target.engine_scoped and not self._on_engine(
             session.get_bind(mapper=mapper)
         ):
             return False
@@ -853,6 +861,12 @@ def install_guard(
         guard = Guard(resolved, requested or GuardConfig())
         guard._install()
         _installed[resolved.key] = guard
+        _live.add(guard)
+        if isinstance(resolved.key, (Session, Engine)):
+            # A Session or engine that is collected takes its guard with it:
+            # the process-wide hooks are released. (The sessions of a dropped
+            # async_sessionmaker live on, and stay guarded.)
+            weakref.finalize(resolved.key, guard.uninstall)
     return guard
 
 

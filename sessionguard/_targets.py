@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["ACCEPTED_TARGETS", "Target", "resolve_target"]
 
@@ -30,28 +33,69 @@ def _async_types() -> tuple[Any, ...] | None:
     return AsyncEngine, AsyncSession, async_sessionmaker, async_scoped_session
 
 
-@dataclasses.dataclass(eq=False)
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference, or a stand-in for None."""
+    if obj is None:
+        return lambda: None
+    return weakref.ref(obj)
+
+
 class Target:
-    """Where a guard listens and which sessions it covers."""
+    """
+    Where a guard listens and which sessions it covers.
 
-    key: Any
-    """What identifies the target in the registry of installed guards."""
+    Everything is held weakly: the registry of installed guards is keyed by
+    the target, and a guard must not keep its own target (a Session, an
+    engine and its pool, a maker) alive.
+    """
 
-    listen_on: type[Session] | Session
-    """The Session class, subclass or instance that gets the session listeners."""
+    def __init__(
+        self,
+        *,
+        key: Any,
+        listen_on: type[Session] | Session,
+        description: str,
+        engine: Engine | None = None,
+        async_maker: Any = None,
+    ) -> None:
+        self._key = _weak(key)
+        self._listen_on = _weak(listen_on)
+        self._engine = _weak(engine)
+        self._async_maker = _weak(async_maker)
+        self.description = description
+        """How the target is named in messages."""
+        self.engine_scoped = engine is not None
+        """An engine target: only statements and transactions on it are covered."""
+        # The Session subclass made for an async_sessionmaker belongs to the
+        # guard (the maker refers to it too); nothing else would keep it.
+        self._owned_class = listen_on if async_maker is not None else None
 
-    description: str
-    """How the target is named in messages."""
+    @property
+    def key(self) -> Any:
+        """What identifies the target in the registry of installed guards."""
+        return self._key()
 
-    engine: Engine | None = None
-    """For an engine target: only statements and transactions on it are covered."""
+    @property
+    def listen_on(self) -> Any:
+        """The Session class, subclass or instance that gets the session listeners."""
+        return self._listen_on()
 
-    async_maker: Any = None
-    """For an async_sessionmaker target: the maker whose sync class is swapped."""
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of an engine target (None once it is gone)."""
+        engine: Engine | None = self._engine()
+        return engine
+
+    @property
+    def async_maker(self) -> Any:
+        """For an async_sessionmaker target: the maker whose sync class is swapped."""
+        return self._async_maker()
 
     def covers(self, session: Session) -> bool:
         """Whether *session* gets this target's listeners (not the engine filter)."""
         listen_on = self.listen_on
+        if listen_on is None:
+            return False
         if isinstance(listen_on, Session):
             return session is listen_on
         return isinstance(session, listen_on)

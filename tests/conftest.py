@@ -136,7 +136,7 @@ def _uninstall_guards(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     plugin_state = pytest_plugin._state(request.config)
     plugin_guard = plugin_state.guard if plugin_state is not None else None
-    for guard in list(_guard._installed.values()):
+    for guard in list(_guard._live):
         if guard is not plugin_guard:
             guard.uninstall()
     if plugin_guard is None:

@@ -343,3 +343,29 @@ def test_guard_keeps_no_session_alive(sqlite_db, seed):
     assert [ref for ref in refs if ref() is not None] == []
     assert len(guard._sessions) == 0
     assert guard.stats().transactions == 400
+
+
+def test_a_guard_keeps_its_own_target_collectable(sqlite_db):
+    """A guard on a Session or an Engine does not keep it alive, and goes with it."""
+    from sqlalchemy import create_engine
+
+    session = Session(sqlite_db.engine())
+    guard = install_guard(session)
+    session_ref = weakref.ref(session)
+    session.close()
+    del session
+    engine = create_engine(sqlite_db.url)
+    engine_guard = install_guard(engine)
+    with engine.connect():
+        pass
+    engine_ref = weakref.ref(engine)
+    engine.dispose()
+    del engine
+    gc.collect()
+    assert session_ref() is None
+    assert engine_ref() is None
+    # A guard whose target is gone uninstalls itself, process-wide hooks too.
+    assert not guard.installed
+    assert not engine_guard.installed
+    assert _stale._hooks.users == 0
+    guard.uninstall()  # still safe to call
