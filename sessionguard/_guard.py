@@ -75,7 +75,9 @@ class _Counters:
     """Mutable counters behind :class:`GuardStats`, exact across threads."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a finalizer run by the garbage collector inside a locked
+        # block of the same thread (a session collected mid-transaction) counts.
+        self.lock = threading.RLock()
         self.values = dict.fromkeys(_COUNTERS, 0)
 
     def add(self, name: str, amount: int = 1) -> None:
@@ -102,6 +104,7 @@ class _SessionState:
         "began_at",
         "finalizer",
         "namespace",
+        "reported_writes",
         "request",
         "span",
         "stale_reads",
@@ -124,12 +127,15 @@ class _SessionState:
         self.namespace: str | None = None
         self.stale_reads = 0
         self.finalizer: weakref.finalize[Any, Any] | None = None
+        self.reported_writes: set[tuple[str, str]] = set()
 
 
 # One guard per target: listening the same function twice on a class target
 # doubles it, and one remove() then leaves an orphan.
 _installed: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
-_installed_lock = threading.Lock()
+# Re-entrant: the finalizer of a collected Session or engine target
+# uninstalls its guard, and the collector can run it inside install_guard().
+_installed_lock = threading.RLock()
 # Every installed guard, also those whose target was collected before they
 # were uninstalled (the test suite's clean-up walks it).
 _live: set[Guard] = set()
@@ -179,6 +185,20 @@ def _run_by_session(execution_options: Mapping[str, Any]) -> bool:
     )
 
 
+def _warn_at(message: str, location: str | None) -> None:
+    """A SessionGuardWarning attributed to the user's line, for warning filters."""
+    path, _, line = (location or "").rpartition(":")
+    if not path or not line.isdigit():
+        warnings.warn(message, SessionGuardWarning, stacklevel=3)
+        return
+    module = os.path.splitext(os.path.basename(path))[0]
+    for name, loaded in list(sys.modules.items()):
+        if getattr(loaded, "__file__", None) == path:
+            module = name
+            break
+    warnings.warn_explicit(message, SessionGuardWarning, path, int(line), module=module)
+
+
 def _caller_frames() -> Iterator[FrameType]:
     """The caller's frames, then those of each parent greenlet in turn."""
     frame: FrameType | None = sys._getframe(2)
@@ -224,7 +244,7 @@ class Guard(_stale.LookupObserver):
         self._findings: collections.deque[Finding] = collections.deque(
             maxlen=config.max_findings
         )
-        self._findings_lock = threading.Lock()
+        self._findings_lock = threading.RLock()
         # Called with every finding as it is made (the pytest plugin uses it
         # to attribute findings to the running test).
         self._finding_callbacks: list[Callable[[Finding], None]] = []
@@ -238,6 +258,10 @@ class Guard(_stale.LookupObserver):
         self._random = random.Random()
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
+        # Who installed the guard on everyone's behalf (the pytest plugin):
+        # install_guard() then refuses to hand it out to be uninstalled.
+        self._owner: str | None = None
+        self._target_finalizer: weakref.finalize[Any, Any] | None = None
         # The connections of tracked transactions, to attribute Core DML.
         self._connections: weakref.WeakKeyDictionary[
             Connection, weakref.ref[Session]
@@ -307,12 +331,24 @@ class Guard(_stale.LookupObserver):
             if target is not None and event.contains(target, identifier, function):
                 event.remove(target, identifier, function)
         self._listeners.clear()
+        if self._target_finalizer is not None:
+            self._target_finalizer.detach()
+            self._target_finalizer = None
         if self._lookup_hooked:
             _stale.release_hooks(self)
             self._lookup_hooked = False
         if self._restore_async_maker is not None:
             self._restore_async_maker()
             self._restore_async_maker = None
+        for state in list(self._sessions.values()):
+            # Transactions still open: end their spans, drop their finalizers.
+            if state.finalizer is not None:
+                state.finalizer.detach()
+                state.finalizer = None
+            if state.span is not None:
+                span, state.span = state.span, None
+                with contextlib.suppress(Exception):
+                    span.end()
         self._sessions.clear()
         self._connections.clear()
 
@@ -399,6 +435,7 @@ class Guard(_stale.LookupObserver):
         state.began_at = time.perf_counter()
         state.thread = threading.get_ident()
         state.stale_reads = 0
+        state.reported_writes.clear()
         state.system = db_system_name(connection.dialect.name)
         state.namespace = connection.engine.url.database
         size = len(session.identity_map)
@@ -539,9 +576,13 @@ class Guard(_stale.LookupObserver):
             return
         previous = state.request
         state.request = request
-        if previous is None:
-            return
         expire = "request" in self._config.expire
+        if previous is None:
+            # First use inside a request context. A session used before any
+            # (warmed up at start-up, say) brings that state in: expire it.
+            if expire and len(session.identity_map):
+                self._expire(session, "request")
+            return
         pending = (
             len(session.new)
             + len(session.deleted)
@@ -567,14 +608,17 @@ class Guard(_stale.LookupObserver):
         # statement (raised by invoke_statement) must reach the user.
         if not self._before_statement(orm_state):
             return None
-        if orm_state.is_select:
-            return self._checked_select(orm_state)
-        self._check_dml(orm_state)
-        return None
+        if not orm_state.is_select:
+            # Writes are few and not sampled: a skipped one would go unseen.
+            self._check_dml(orm_state)
+            return None
+        if self._sample_rate < 1.0 and self._random.random() >= self._sample_rate:
+            return None
+        return self._checked_select(orm_state)
 
     @_fail_open
     def _before_statement(self, orm_state: ORMExecuteState) -> bool:
-        """Count the statement; whether it is to be checked."""
+        """Count the statement; whether detection is on for it."""
         session = orm_state.session
         if self._target.engine_scoped and not self._on_engine(
             session.get_bind(**orm_state.bind_arguments)
@@ -586,9 +630,7 @@ class Guard(_stale.LookupObserver):
         if state.transaction is not None and state.thread != threading.get_ident():
             self._cross_thread(session, state)
         self._check_request(session, state)
-        if not self._detect:
-            return False
-        return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate
+        return self._detect
 
     @_fail_open
     def _check_dml(self, orm_state: ORMExecuteState) -> None:
@@ -708,7 +750,7 @@ class Guard(_stale.LookupObserver):
                 if isinstance(finding, StaleRead)
                 else f"sessionguard {finding.kind}: {finding.to_dict()}"
             )
-            warnings.warn(message, SessionGuardWarning, stacklevel=2)
+            _warn_at(message, finding.location)
 
     def _cross_thread(self, session: Session, state: _SessionState) -> None:
         first = state.thread
@@ -780,6 +822,14 @@ class Guard(_stale.LookupObserver):
         return session
 
     def _unsynchronized(self, session: Session, table: str, statement: str) -> None:
+        # Finding the table's objects walks the identity map: do it (and
+        # report) once per table and kind of write in a transaction, not for
+        # every statement of a loop.
+        tracked = self._sessions.get(session)
+        if tracked is not None and tracked.transaction is not None:
+            if (table, statement) in tracked.reported_writes:
+                return
+            tracked.reported_writes.add((table, statement))
         entities: dict[str, int] = {}
         for state in session.identity_map.all_states():
             mapper: Mapper[Any] = state.mapper
@@ -850,6 +900,12 @@ def install_guard(
     resolved = resolve_target(target)
     with _installed_lock:
         existing = _installed.get(resolved.key)
+        if existing is not None and existing._owner is not None:
+            raise SessionGuardError(
+                f"{existing._owner} has installed a guard on {resolved.description}; "
+                "use it (in tests: the `sessionguard` fixture) instead of "
+                "installing another, which would uninstall it for everyone"
+            )
         if existing is not None:
             if requested is None or requested == existing.config:
                 return existing
@@ -866,7 +922,7 @@ def install_guard(
             # A Session or engine that is collected takes its guard with it:
             # the process-wide hooks are released. (The sessions of a dropped
             # async_sessionmaker live on, and stay guarded.)
-            weakref.finalize(resolved.key, guard.uninstall)
+            guard._target_finalizer = weakref.finalize(resolved.key, guard.uninstall)
     return guard
 
 

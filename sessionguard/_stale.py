@@ -306,13 +306,17 @@ def _cached_keys(
     state: InstanceState[Any], hit: Hit, columns: dict[str, Column[Any]]
 ) -> tuple[bool, list[str]]:
     """
-    (whether the object kept any attribute from the map, and which of those
-    are unmodified: the ones to compare).
+    (whether the object was served from the map, and which of its cached
+    attributes are unmodified: the ones to compare).
+
+    An object the read refreshed entirely was not served from the map. Any
+    other one was, even with nothing left to compare (only its key loaded,
+    or only pending changes): whether its row still exists is checked.
     """
     loaded = state.dict
     fresh = hit.fresh
     committed = state.committed_state
-    cached = False
+    cached = not fresh
     keys = []
     for key in columns:
         if key not in loaded or key in fresh:
@@ -409,7 +413,6 @@ def check_hits(
         if cached:
             entity = mapper.class_.__name__
             outcome.hits[entity] = outcome.hits.get(entity, 0) + 1
-        if keys:
             by_mapper.setdefault(mapper, []).append((state, keys))
     for mapper, entries in by_mapper.items():
         entity = mapper.class_.__name__

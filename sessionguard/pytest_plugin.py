@@ -237,6 +237,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except SessionGuardError as error:
         raise pytest.UsageError(f"sessionguard: {error}") from None
     state.guard = guard
+    guard._owner = "the sessionguard pytest plugin"
     guard._finding_callbacks = [*guard._finding_callbacks, state.on_finding]
 
 

@@ -1446,3 +1446,39 @@ def test_sharded_objects_are_skipped_not_misreported(tmp_path):
     session.close()
     for engine in shards.values():
         engine.dispose()
+
+
+def test_writes_are_reported_whatever_the_sample_rate(sqlite_db, seed):
+    """Unsynchronized writes are not sampled: ORM, text() and Core alike."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, sample_rate=0.0)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        session.execute(
+            update(User).values(name="x").execution_options(synchronize_session=False)
+        )
+        session.execute(text("UPDATE sg_users SET name = 'y'"))
+        session.connection().execute(update(User.__table__).values(name="z"))
+        assert user.name == "alice"  # the map still holds the old value
+        kinds = [
+            f.statement for f in guard.findings if f.kind == "unsynchronized_write"
+        ]
+        assert kinds == ["orm_update", "text", "core"]
+
+
+def test_a_loop_of_writes_is_reported_once_per_table_and_kind(sqlite_db, seed):
+    """Repeated bypassing writes in one transaction make one finding, not one each."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        user = session.get(User, 1)
+        for index in range(5):
+            session.execute(text(f"UPDATE sg_users SET name = 'n{index}'"))
+        assert len(guard.findings) == 1
+        session.commit()
+        session.get(User, 1)
+        session.execute(text("UPDATE sg_users SET name = 'again'"))
+        assert len(guard.findings) == 2  # a new transaction reports again
+        del user

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
@@ -162,12 +161,14 @@ def test_expire_at_begin_keeps_unflushed_changes_of_an_autobegun_flush(db, seed)
     session.close()
 
 
-@pytest.mark.parametrize("point", ["commit", "begin"])
-def test_expiry_never_discards_a_pending_change(sqlite_db, seed, point):
-    """An object with unflushed attribute changes is left alone by enforced expiry."""
+def test_expiry_never_discards_a_pending_change(sqlite_db, seed):
+    """An object with unflushed attribute changes is left alone by enforced expiry.
+
+    (Only expiry at begin can meet one: a commit flushes before it expires.)
+    """
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    install_guard(engine, expire={point})
+    install_guard(engine, expire={"begin"})
     session = Session(engine, expire_on_commit=False, autoflush=False)
     user = session.get(User, 1)
     address = session.get(Address, 1)

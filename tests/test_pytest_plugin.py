@@ -704,3 +704,26 @@ def test_inner_suites_are_rooted_outside_this_repository(inner):
     )
     result = _run(inner)
     result.stdout.fnmatch_lines([f"rootdir: {inner.path}"])
+
+
+def test_a_test_cannot_uninstall_the_plugins_guard(inner, monkeypatch):
+    """install_guard() on every session refuses to hand out the plugin's guard."""
+    inner.makepyfile(
+        """
+    import pytest
+    from sessionguard import SessionGuardError, install_guard
+
+
+    def test_tries_to_take_it_over():
+        with pytest.raises(SessionGuardError, match="pytest plugin.*sessionguard. fixture"):
+            install_guard()
+
+
+    def test_still_guarded_afterwards(read_stale):
+        read_stale()
+    """
+    )
+    monkeypatch.setenv("SESSIONGUARD", "strict")
+    result = _run(inner)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["FAILED *::test_still_guarded_afterwards - *"])

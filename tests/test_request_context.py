@@ -147,3 +147,20 @@ def test_wsgi_middleware_covers_the_streamed_body():
     body.close()  # type: ignore[attr-defined]
     assert [context.request_id for context in seen] == ["w-1", "w-1"]
     assert current_request() is None
+
+
+def test_session_used_before_any_request_is_expired_on_its_first(db, seed):
+    """A session warmed up outside any request is expired when a request first uses it."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine, expire={"request"})
+    session = Session(engine, expire_on_commit=False)
+    user = session.get(User, 1)  # at start-up, outside any request
+    session.commit()
+    _rename(db, "bob")
+    with request_context():
+        assert session.get(User, 1).name == "bob"
+    assert guard.findings == []
+    assert guard.stats().expire_all_calls == 1
+    session.close()
+    del user

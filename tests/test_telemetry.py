@@ -355,3 +355,21 @@ def test_nests_beside_the_sqlalchemy_instrumentation(sqlite_db, seed, otel):
         assert query.parent.span_id == request_id
         assert query.start_time >= transaction.start_time
         assert query.end_time <= transaction.end_time
+
+
+def test_uninstall_mid_transaction_ends_the_open_span(sqlite_db, seed, otel):
+    """Uninstalling while a transaction is open ends its span and frees the guard."""
+    import weakref
+
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, tracer_provider=otel.tracer_provider)
+    session = Session(engine)
+    session.get(User, 1)
+    guard.uninstall()
+    assert len(otel.spans()) == 1
+    guard_ref = weakref.ref(guard)
+    del guard
+    gc.collect()
+    assert guard_ref() is None  # no finalizer of the open transaction holds it
+    session.close()

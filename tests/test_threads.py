@@ -142,10 +142,12 @@ def test_findings_from_threads_stay_bounded(sqlite_db):
         connection.execute(text("UPDATE sg_users SET name = 'new'"))
     start = threading.Barrier(THREADS)
 
+    seen: list[str] = []
+
     def work(thread: int) -> None:
         start.wait()
         for _ in range(ROUNDS):
-            sessions[thread].get(User, thread + 1)
+            seen.append(sessions[thread].get(User, thread + 1).name)
 
     workers = [threading.Thread(target=work, args=(n,)) for n in range(THREADS)]
     for worker in workers:
@@ -154,5 +156,6 @@ def test_findings_from_threads_stay_bounded(sqlite_db):
         worker.join()
     for session in sessions:
         session.close()
+    assert seen == ["old"] * (THREADS * ROUNDS)  # every read returned stale data
     assert guard.stats().stale_reads == THREADS * ROUNDS
     assert len(guard.findings) == 10
