@@ -604,9 +604,14 @@ class Guard(_stale.LookupObserver):
     # -- statements -----------------------------------------------------------
 
     def _do_orm_execute(self, orm_state: ORMExecuteState) -> Any:
-        # Not wrapped in _fail_open as a whole: errors of the user's own
-        # statement (raised by invoke_statement) must reach the user.
-        if not self._before_statement(orm_state):
+        # The hot path: every ORM statement. Not wrapped in _fail_open as a
+        # whole, since errors of the user's own statement (raised inside
+        # invoke_statement) must reach the user; the bookkeeping is.
+        try:
+            if not self._count_statement(orm_state):
+                return None
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("do_orm_execute", error)
             return None
         if not orm_state.is_select:
             # Writes are few and not sampled: a skipped one would go unseen.
@@ -616,20 +621,20 @@ class Guard(_stale.LookupObserver):
             return None
         return self._checked_select(orm_state)
 
-    @_fail_open
-    def _before_statement(self, orm_state: ORMExecuteState) -> bool:
+    def _count_statement(self, orm_state: ORMExecuteState) -> bool:
         """Count the statement; whether detection is on for it."""
         session = orm_state.session
         if self._target.engine_scoped and not self._on_engine(
             session.get_bind(**orm_state.bind_arguments)
         ):
             return False
-        state = self._state(session)
+        state = self._sessions.get(session) or self._state(session)
         state.statements += 1
         self._counters.add("statements")
         if state.transaction is not None and state.thread != threading.get_ident():
             self._cross_thread(session, state)
-        self._check_request(session, state)
+        if current_request() is not None:
+            self._check_request(session, state)
         return self._detect
 
     @_fail_open
