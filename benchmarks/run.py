@@ -2,6 +2,7 @@
 Overhead of sessionguard against an unguarded baseline measured in the same run.
 
     python benchmarks/run.py [--repeat 7] [--statements 2000] [--database-url URL]
+    python benchmarks/run.py --calls
 
 Each workload runs on the same engine and data with no guard (baseline) and
 with guards of several configurations; the report gives the median time per
@@ -11,6 +12,10 @@ baseline. Targets are checked here and printed, never asserted by tests:
 - an unsampled statement (sample_rate=0.0) costs < 5 % over the baseline;
 - with detection on, a statement that returns one identity-map hit costs
   < 3x the baseline (the check is one extra SELECT on the same connection).
+
+``--calls`` prints Python function calls per operation instead (cProfile's
+deterministic count): the same from run to run on any machine, for comparing
+changes to the hot path when wall-clock times are blurred by other load.
 
 Exit status 0 always: the numbers are for reading, not for failing a build.
 """
@@ -119,11 +124,36 @@ def _measure(
     return elapsed
 
 
+def _calls(
+    engine: Any, workload: Workload, ops: int, config: dict[str, Any] | None
+) -> float:
+    """Python function calls per operation of *workload* (deterministic)."""
+    import cProfile
+    import pstats
+
+    guard = install_guard(engine, **config) if config is not None else None
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            held = session.scalars(select(Item)).all()
+            workload(session, 10)
+            profile = cProfile.Profile()
+            profile.enable()
+            workload(session, ops)
+            profile.disable()
+            del held
+    finally:
+        if guard is not None:
+            guard.uninstall()
+    calls: int = pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
+    return calls / ops
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--statements", type=int, default=2000)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--calls", action="store_true")
     args = parser.parse_args(argv)
     # Measure the guard, not a console renderer: drop log events below warning.
     structlog.configure(
@@ -140,7 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         for workload_name, (workload, divisor) in WORKLOADS.items():
             ops = max(1, args.statements // divisor)
             print(f"\n{workload_name} ({ops} operations)")
-            print(f"  {'configuration':26} {'us/op':>9} {'+us/op':>9} {'ratio':>7}")
+            unit = "calls/op" if args.calls else "us/op"
+            print(f"  {'configuration':26} {unit:>9} {'+' + unit:>9} {'ratio':>7}")
+            if args.calls:
+                baseline_calls = _calls(engine, workload, ops, None)
+                for config_name, config in CONFIGS.items():
+                    per_op = _calls(engine, workload, ops, config)
+                    print(
+                        f"  {config_name:26} {per_op:9.1f} "
+                        f"{per_op - baseline_calls:+9.1f} "
+                        f"{per_op / baseline_calls:7.2f}x"
+                    )
+                continue
             # Configurations take turns within each round, so that a burst of
             # load on the machine hits them all alike.
             times: dict[str, list[float]] = {name: [] for name in CONFIGS}
