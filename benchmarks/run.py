@@ -7,11 +7,15 @@ Overhead of sessionguard against an unguarded baseline measured in the same run.
 Each workload runs on the same engine and data with no guard (baseline) and
 with guards of several configurations; the report gives the median time per
 operation, the extra microseconds per operation and the ratio to the
-baseline. Targets are checked here and printed, never asserted by tests:
+baseline. Targets are checked here and printed, never asserted by tests
+(TARGETS below):
 
-- an unsampled statement (sample_rate=0.0) costs < 5 % over the baseline;
-- with detection on, a statement that returns one identity-map hit costs
-  < 3x the baseline (the check is one extra SELECT on the same connection).
+- an unsampled ORM statement (sample_rate=0.0) adds < 10 us: next to nothing
+  beside a database round trip (SQLAlchemy's own do_orm_execute dispatch is
+  part of it);
+- a sampled statement with one identity-map hit costs < 4x the baseline: the
+  check is one extra SELECT on the same connection (on PostgreSQL inside a
+  SAVEPOINT, two more round trips), so this is what sampling is for.
 
 ``--calls`` prints Python function calls per operation instead (cProfile's
 deterministic count): the same from run to run on any machine, for comparing
@@ -79,6 +83,26 @@ WORKLOADS: dict[str, tuple[Workload, int]] = {
     "select, 1 hit": (select_one_hit, 1),
     "select, 100 hits": (select_hundred_hits, 10),
     "get(), map hit": (get_hit, 1),
+}
+
+# (workload, configuration) -> (what is promised, a check of (us/op, ratio))
+TARGETS: dict[tuple[str, str], tuple[str, Callable[[float, float], bool]]] = {
+    ("select, 1 hit", "guard, sample_rate=0.0"): (
+        "< +10 us",
+        lambda extra, ratio: extra < 10.0,
+    ),
+    ("select, 100 hits", "guard, sample_rate=0.0"): (
+        "< +10 us",
+        lambda extra, ratio: extra < 10.0,
+    ),
+    ("get(), map hit", "guard, sample_rate=0.0"): (
+        "< +10 us",
+        lambda extra, ratio: extra < 10.0,
+    ),
+    ("select, 1 hit", "guard, sample_rate=1.0"): (
+        "< 4x",
+        lambda extra, ratio: ratio < 4.0,
+    ),
 }
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -191,9 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             baseline = statistics.median(times["baseline (no guard)"]) / ops * 1e6
             for config_name in CONFIGS:
                 per_op = statistics.median(times[config_name]) / ops * 1e6
+                extra, ratio = per_op - baseline, per_op / baseline
+                target = TARGETS.get((workload_name, config_name))
+                verdict = ""
+                if target is not None:
+                    promise, check = target
+                    met = "met" if check(extra, ratio) else "MISSED"
+                    verdict = f"  target {promise}: {met}"
                 print(
-                    f"  {config_name:26} {per_op:9.1f} {per_op - baseline:+9.1f} "
-                    f"{per_op / baseline:7.2f}x"
+                    f"  {config_name:26} {per_op:9.1f} {extra:+9.1f} "
+                    f"{ratio:7.2f}x{verdict}"
                 )
         engine.dispose()
     return 0
