@@ -1058,101 +1058,58 @@ def test_log_values_shows_values_but_redacts_secret_names(db, seed):
 # -- 8. writes that bypass the session -------------------------------------------------
 
 
-def test_text_update_with_objects_in_map_is_reported(db, seed):
-    """A text() UPDATE on a table with objects in the map is an unsynchronized_write."""
+_BYPASSING_WRITES = {
+    "text() through the session": (
+        "text",
+        lambda session: session.execute(text("UPDATE sg_users SET name = 'x'")),
+    ),
+    "ORM update(), synchronize_session=False": (
+        "orm_update",
+        lambda session: session.execute(
+            update(User).values(name="x").execution_options(synchronize_session=False)
+        ),
+    ),
+    "Core update() on session.connection()": (
+        "core",
+        lambda session: session.connection().execute(
+            update(User.__table__).values(name="x")
+        ),
+    ),
+    "text() on session.connection()": (
+        "text",
+        lambda session: session.connection().execute(
+            text("UPDATE sg_users SET name = 'x'")
+        ),
+    ),
+    "ORM update(User) on session.connection()": (
+        "core",
+        lambda session: session.connection().execute(update(User).values(name="x")),
+    ),
+}
+
+
+@pytest.mark.parametrize("write", sorted(_BYPASSING_WRITES))
+def test_write_that_bypasses_the_session_is_reported(db, seed, write):
+    """A write the identity map does not hear of, with objects of its table there."""
+    kind, run = _BYPASSING_WRITES[write]
     seed(db)
     engine = db.engine()
     guard = install_guard(engine)
     with Session(engine) as session:
         user = session.get(User, 1)
-        session.execute(text("UPDATE sg_users SET name = 'x'"))
+        run(session)
+        assert session.execute(text("SELECT name FROM sg_users")).scalar() == "x"
         assert user.name == "alice"  # the bug: the session does not know
 
         [finding] = _unsynchronized(guard)
         assert (finding.table, finding.statement, finding.entities) == (
             "sg_users",
-            "text",
+            kind,
             ("User",),
         )
         assert finding.objects == 1
         assert finding.location is not None
         assert finding.location.startswith(__file__)
-
-
-def test_orm_update_without_synchronize_session_is_reported(db, seed):
-    """ORM update() with synchronize_session=False is an unsynchronized_write."""
-    seed(db)
-    engine = db.engine()
-    guard = install_guard(engine)
-    with Session(engine) as session:
-        user = session.get(User, 1)
-        session.execute(
-            update(User).values(name="x").execution_options(synchronize_session=False)
-        )
-        assert user.name == "alice"  # the bug
-
-        [finding] = _unsynchronized(guard)
-        assert (finding.table, finding.statement, finding.entities) == (
-            "sg_users",
-            "orm_update",
-            ("User",),
-        )
-
-
-def test_core_update_on_session_connection_is_reported(db, seed):
-    """Core update() on session.connection() is an unsynchronized_write."""
-    seed(db)
-    engine = db.engine()
-    guard = install_guard(engine)
-    with Session(engine) as session:
-        user = session.get(User, 1)
-        session.connection().execute(update(User.__table__).values(name="x"))
-        assert user.name == "alice"  # the bug
-
-        [finding] = _unsynchronized(guard)
-        assert (finding.table, finding.statement, finding.entities) == (
-            "sg_users",
-            "core",
-            ("User",),
-        )
-
-
-def test_text_update_on_session_connection_is_reported(db, seed):
-    """A text() UPDATE run on session.connection() is an unsynchronized_write."""
-    seed(db)
-    engine = db.engine()
-    guard = install_guard(engine)
-    with Session(engine) as session:
-        user = session.get(User, 1)
-        session.connection().execute(text("UPDATE sg_users SET name = 'x'"))
-        assert user.name == "alice"  # the bug
-        assert session.execute(text("SELECT name FROM sg_users")).scalar() == "x"
-
-        [finding] = _unsynchronized(guard)
-        assert (finding.table, finding.statement, finding.entities) == (
-            "sg_users",
-            "text",
-            ("User",),
-        )
-
-
-def test_orm_update_statement_on_session_connection_is_reported(db, seed):
-    """An ORM update(User) run on session.connection() is an unsynchronized_write."""
-    seed(db)
-    engine = db.engine()
-    guard = install_guard(engine)
-    with Session(engine) as session:
-        user = session.get(User, 1)
-        session.connection().execute(update(User).values(name="x"))
-        assert user.name == "alice"  # the bug
-        assert session.execute(text("SELECT name FROM sg_users")).scalar() == "x"
-
-        [finding] = _unsynchronized(guard)
-        assert (finding.table, finding.statement, finding.entities) == (
-            "sg_users",
-            "core",
-            ("User",),
-        )
 
 
 def test_synchronized_orm_update_is_not_reported(db, seed):
