@@ -50,6 +50,10 @@ __all__ = [
 
 _BATCH = 500
 _PKS = "sessionguard_pks"
+# Marks the guard's own SELECTs (and SAVEPOINTs) for whoever counts statements:
+# ``context.execution_options`` carries it in Core events.
+VERIFICATION_OPTION = "sessionguard_verification"
+_VERIFICATION_OPTIONS = {VERIFICATION_OPTION: True}
 
 
 class Frame:
@@ -554,7 +558,9 @@ def _fetch(
         for start in range(0, len(identities), _BATCH):
             chunk = identities[start : start + _BATCH]
             params = [ident[0] for ident in chunk] if pk_width == 1 else chunk
-            for row in connection.execute(statement, {_PKS: params}):
+            for row in connection.execute(
+                statement, {_PKS: params}, execution_options=_VERIFICATION_OPTIONS
+            ):
                 rows[tuple(row[:pk_width])] = row
         if savepoint is not None:
             savepoint.commit()
