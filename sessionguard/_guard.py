@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
-from . import _stale
+from . import _stale, _writes
 from ._config import GuardConfig, Mode, parse_mode
 from ._context import current_request
 from ._findings import (
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from types import FrameType, TracebackType
 
     from opentelemetry.trace import Span
-    from sqlalchemy.engine import FrozenResult
     from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
     from sqlalchemy.orm.state import InstanceState
 
@@ -63,7 +61,8 @@ class GuardStats:
     verification_errors: int = 0
     max_identity_map_size: int = 0
     skipped_checks: int = 0
-    """Identity-map hits not checked: outside the asyncio greenlet, or sharded."""
+    """Identity-map hits not checked: outside the asyncio greenlet, sharded, or
+    with a NULL part in their primary key."""
     internal_errors: int = 0
     """Failures inside the guard itself, logged as ``internal_error``."""
 
@@ -145,11 +144,6 @@ _SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__)) + os.sep
 # where a read happens.
 _OWN_PRIVATE = os.path.join(os.path.dirname(__file__), "_")
 _SKIPPED = (_SQLALCHEMY_DIR, _OWN_PRIVATE)
-_TEXT_WRITE = re.compile(
-    r"^\s*(?:update\s+(?:only\s+)?|delete\s+from\s+(?:only\s+)?|insert\s+(?:or\s+\w+\s+)?into\s+)"
-    r"([`\"\[]?[\w.$]+[`\"\]]?)",
-    re.IGNORECASE,
-)
 
 
 _Method = TypeVar("_Method", bound="Callable[..., Any]")
@@ -228,7 +222,7 @@ def _user_location() -> str | None:
     return fallback
 
 
-class Guard(_stale.LookupObserver):
+class Guard(_stale.ReadObserver):
     """
     The handle of an installed guard.
 
@@ -276,8 +270,20 @@ class Guard(_stale.LookupObserver):
 
     @property
     def installed(self) -> bool:
-        """Whether the guard's listeners are in place."""
-        return self._installed
+        """
+        Whether the guard's listeners are in place.
+
+        False after :meth:`uninstall`, and also when something else removed
+        them (SQLAlchemy's own test fixtures clear every ORM listener between
+        tests): the guard then sees nothing, and says so.
+        """
+        if not self._installed:
+            return False
+        for target_ref, identifier, function in self._listeners:
+            target = target_ref()
+            if target is not None and not event.contains(target, identifier, function):
+                return False
+        return not self._lookup_hooked or _stale.hooks_in_place()
 
     @property
     def target(self) -> str:
@@ -395,6 +401,7 @@ class Guard(_stale.LookupObserver):
         self._listen(listen_on, "do_orm_execute", self._do_orm_execute)
         if self._detect:
             self._listen(Engine, "before_execute", self._before_core_execute)
+            self._listen(Engine, "before_cursor_execute", self._before_cursor_execute)
         if self._detect or "request" in self._config.expire:
             self._lookup_hooked = True
             _stale.acquire_hooks(self)
@@ -603,29 +610,25 @@ class Guard(_stale.LookupObserver):
 
     # -- statements -----------------------------------------------------------
 
-    def _do_orm_execute(self, orm_state: ORMExecuteState) -> Any:
-        # The hot path: every ORM statement. Not wrapped in _fail_open as a
-        # whole, since errors of the user's own statement (raised inside
-        # invoke_statement) must reach the user; the bookkeeping is.
-        try:
-            if not self._count_statement(orm_state):
-                return None
-        except Exception as error:  # noqa: BLE001 - fail open, by design
-            self._internal_error("do_orm_execute", error)
-            return None
-        if not orm_state.is_select:
+    @_fail_open
+    def _do_orm_execute(self, orm_state: ORMExecuteState) -> None:
+        # The hot path: every ORM statement. It only counts and looks; the
+        # objects a statement returns are checked by the read hook in _stale
+        # as SQLAlchemy makes them. Returning a result from here would change
+        # how SQLAlchemy runs the statement, so nothing is ever returned.
+        if not self._count_statement(orm_state):
+            return
+        if orm_state.is_update or orm_state.is_delete:
             # Writes are few and not sampled: a skipped one would go unseen.
-            self._check_dml(orm_state)
-            return None
-        if self._sample_rate < 1.0 and self._random.random() >= self._sample_rate:
-            return None
-        return self._checked_select(orm_state)
+            # text() DML is checked in _before_core_execute, which sees it
+            # whether it ran through session.execute() or session.connection().
+            self._check_orm_dml(orm_state)
 
     def _count_statement(self, orm_state: ORMExecuteState) -> bool:
         """Count the statement; whether detection is on for it."""
         session = orm_state.session
         if self._target.engine_scoped and not self._on_engine(
-            session.get_bind(**orm_state.bind_arguments)
+            self._statement_bind(orm_state)
         ):
             return False
         state = self._sessions.get(session) or self._state(session)
@@ -637,55 +640,24 @@ class Guard(_stale.LookupObserver):
             self._check_request(session, state)
         return self._detect
 
-    @_fail_open
-    def _check_dml(self, orm_state: ORMExecuteState) -> None:
-        # text() DML is checked in _before_core_execute, which sees it whether
-        # it ran through session.execute() or on session.connection().
-        if orm_state.is_update or orm_state.is_delete:
-            self._check_orm_dml(orm_state)
-
-    def _checked_select(self, orm_state: ORMExecuteState) -> Any:
-        if orm_state.is_column_load:
-            return None  # refresh / unexpire loads are fresh by definition
-        options = orm_state.execution_options
-        load_options = orm_state.load_options
-        if (
-            options.get("populate_existing")
-            or options.get("yield_per")
-            or options.get("stream_results")
-            or load_options._populate_existing
-            or load_options._yield_per
-        ):
-            return None
+    @staticmethod
+    def _statement_bind(orm_state: ORMExecuteState) -> Engine | Connection:
+        """Where the statement will run, asking get_bind() only when needed."""
         session = orm_state.session
-        with _stale.push_frame(session) as frame:
-            result = orm_state.invoke_statement()
-            # A joined eager load of a collection makes the result demand
-            # unique(); the caller asks for it on the replay, not here. Freeze
-            # without the demand and hand it back to the replay.
-            unique_filter = result._unique_filter_state
-            result._unique_filter_state = None
-            frozen = result.freeze()
-        self._check_rows(session, frozen, frame, orm_state.statement)
-        replay = frozen()
-        if unique_filter is not None:
-            # freeze() drops the "joined eager load needs unique()" guard
-            replay._unique_filter_state = unique_filter
-        return replay
-
-    @_fail_open
-    def _check_rows(
-        self,
-        session: Session,
-        frozen: FrozenResult[Any],
-        frame: _stale.Frame,
-        statement: Any,
-    ) -> None:
-        hits = _stale.hits_in_rows(
-            frozen.data, frozen._source_supports_scalars, frame, statement
-        )
-        if hits:
-            self._check(session, hits, raise_stale=True)
+        arguments = orm_state.bind_arguments
+        bind = arguments.get("bind")
+        if bind is not None:
+            return bind  # type: ignore[no-any-return]
+        # A session with one bind answers without calling get_bind(), which
+        # a subclass may override (sharding chooses a shard there).
+        if (
+            session.bind is not None
+            and type(session).get_bind is Session.get_bind
+            # the per-mapper/table binds: .binds on 2.1, private on 2.0
+            and not getattr(session, "binds", getattr(session, "_Session__binds", 1))
+        ):
+            return session.bind
+        return session.get_bind(**arguments)
 
     def _internal_error(self, where: str, error: BaseException) -> None:
         self._counters.add("internal_errors")
@@ -712,7 +684,11 @@ class Guard(_stale.LookupObserver):
         else:
             system = db_system_name(outcome.dialect or "")
         self._telemetry.checked(system, outcome.hits, outcome.verified, duration)
-        skipped = outcome.skipped_outside_greenlet + outcome.skipped_identity_token
+        skipped = (
+            outcome.skipped_outside_greenlet
+            + outcome.skipped_identity_token
+            + outcome.skipped_partial_key
+        )
         if skipped:
             counters.add("skipped_checks", skipped)
         for entity, error in outcome.errors:
@@ -772,21 +748,25 @@ class Guard(_stale.LookupObserver):
     # -- writes that bypass the session -------------------------------------
 
     def _check_orm_dml(self, orm_state: ORMExecuteState) -> None:
-        options = orm_state.update_delete_options
-        if options._synchronize_session is not False:
+        statement = _writes.dml_of(orm_state.statement)
+        if statement is None:
             return
-        table = getattr(orm_state.statement, "table", None)
-        name = getattr(table, "name", None)
-        if name is not None:
-            kind = "orm_update" if orm_state.is_update else "orm_delete"
-            self._unsynchronized(orm_state.session, name, kind)
-
-    @staticmethod
-    def _text_dml_table(statement: TextClause) -> str | None:
-        match = _TEXT_WRITE.match(statement.text)
-        if match is None:
-            return None
-        return match.group(1).strip('`"[]').rsplit(".", 1)[-1]
+        name = getattr(getattr(statement, "table", None), "name", None)
+        if name is None:
+            return
+        if orm_state.is_from_statement:
+            # select(...).from_statement(update(...).returning(...)): the ORM
+            # hands back the rows but synchronises nothing, whatever the
+            # options say (objects already in the map keep their values).
+            kind = "from_statement"
+        else:
+            # Read the option as SQLAlchemy does, from the execution options
+            # (update_delete_options refuses lambda statements).
+            sync = orm_state.execution_options.get("synchronize_session", "auto")
+            if sync is not False:
+                return
+            kind = "orm_update" if statement.is_update else "orm_delete"
+        self._unsynchronized(orm_state.session, (name,), kind)
 
     @_fail_open
     def _before_core_execute(
@@ -798,23 +778,50 @@ class Guard(_stale.LookupObserver):
         execution_options: Mapping[str, Any],
     ) -> None:
         if isinstance(clauseelement, TextClause):
-            name = self._text_dml_table(clauseelement)
+            names = _writes.text_dml_tables(clauseelement.text)
             kind = "text"
-        elif getattr(clauseelement, "is_dml", False):
-            if clauseelement._propagate_attrs.get(
+        else:
+            statement = _writes.dml_of(clauseelement)
+            if statement is None or statement is not getattr(
+                clauseelement, "_resolved", clauseelement
+            ):
+                # Not a write, or one wrapped in an ORM from_statement():
+                # do_orm_execute's business.
+                return
+            if statement._propagate_attrs.get(
                 "compile_state_plugin"
             ) == "orm" and _run_by_session(execution_options):
                 return  # executed through the session: do_orm_execute's business
-            name = getattr(getattr(clauseelement, "table", None), "name", None)
+            name = getattr(getattr(statement, "table", None), "name", None)
+            names = (name,) if name is not None else ()
             kind = "core"
-        else:
+        if names:
+            self._core_write(connection, names, kind)
+
+    @_fail_open
+    def _before_cursor_execute(  # noqa: PLR0917 - SQLAlchemy's event signature
+        self,
+        connection: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        # Only what before_execute never saw: exec_driver_sql() strings.
+        if context is None or context.compiled is not None:
             return
-        if name is None:
-            return
+        names = _writes.text_dml_tables(statement)
+        if names:
+            self._core_write(connection, names, "driver_sql")
+
+    def _core_write(
+        self, connection: Connection, names: tuple[str, ...], kind: str
+    ) -> None:
         session = self._session_for_connection(connection)
         if session is None or session._flushing:
             return
-        self._unsynchronized(session, name, kind)
+        self._unsynchronized(session, names, kind)
 
     def _session_for_connection(self, connection: Connection) -> Session | None:
         session_ref = self._connections.get(connection)
@@ -826,7 +833,15 @@ class Guard(_stale.LookupObserver):
             return None  # the connection went back to the pool since
         return session
 
-    def _unsynchronized(self, session: Session, table: str, statement: str) -> None:
+    def _unsynchronized(
+        self, session: Session, tables: tuple[str, ...], statement: str
+    ) -> None:
+        for table in tables:
+            self._unsynchronized_table(session, table, statement)
+
+    def _unsynchronized_table(
+        self, session: Session, table: str, statement: str
+    ) -> None:
         # Finding the table's objects walks the identity map: do it (and
         # report) once per table and kind of write in a transaction, not for
         # every statement of a loop.
@@ -876,6 +891,26 @@ class Guard(_stale.LookupObserver):
     def identity_hit(self, session: Session, hit: _stale.Hit) -> None:
         self._check(session, [hit], raise_stale=True)
 
+    # -- ORM statements' objects (the read hook) ------------------------------
+
+    @_fail_open
+    def covers_statement(self, session: Session, connection: Connection) -> bool:
+        # Sampling first: an unsampled statement costs one random number.
+        if not self._detect or (
+            self._sample_rate < 1.0 and self._random.random() >= self._sample_rate
+        ):
+            return False
+        if not self._installed or not self._target.covers(session):
+            return False
+        return not self._target.engine_scoped or self._on_engine(connection)
+
+    @_fail_open
+    def statement_hits(self, session: Session, hits: list[_stale.Hit]) -> None:
+        self._check(session, hits, raise_stale=True)
+
+    def internal_error(self, where: str, error: BaseException) -> None:
+        self._internal_error(where, error)
+
 
 def install_guard(
     target: object = None, /, *, config: GuardConfig | None = None, **overrides: Any
@@ -905,6 +940,11 @@ def install_guard(
     resolved = resolve_target(target)
     with _installed_lock:
         existing = _installed.get(resolved.key)
+        if existing is not None and not existing.installed:
+            # Its listeners were removed behind its back: clean up what is
+            # left of it and install anew rather than hand out a deaf guard.
+            existing.uninstall()
+            existing = None
         if existing is not None and existing._owner is not None:
             raise SessionGuardError(
                 f"{existing._owner} has installed a guard on {resolved.description}; "

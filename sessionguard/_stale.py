@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import threading
 import weakref
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, bindparam, event, exc, select, tuple_
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Relationship, Session
+from sqlalchemy.engine.result import ChunkedIteratorResult
+from sqlalchemy.orm import Mapper, Relationship, Session, loading
 from sqlalchemy.orm.attributes import get_state_history
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_OFF, SQL_OK
 from sqlalchemy.util.concurrency import in_greenlet
@@ -40,10 +42,11 @@ __all__ = [
     "CheckOutcome",
     "Frame",
     "Hit",
-    "LookupObserver",
+    "ReadObserver",
     "acquire_hooks",
     "check_hits",
     "hits_in_rows",
+    "hooks_in_place",
     "push_frame",
     "release_hooks",
 ]
@@ -66,9 +69,13 @@ class Frame:
         self.refreshed: dict[InstanceState[Any], set[str]] = {}
 
 
-# Active frames by id(session). A frame only exists while its read runs, so
-# the session it names is alive for as long as its entry is here.
-_frames: dict[int, list[Frame]] = {}
+# Frames of the ORM statements being loaded, by id(QueryContext): an entry only
+# exists while SQLAlchemy turns that statement's rows into objects, so the
+# context it names is alive for as long as its entry is here.
+_context_frames: dict[int, Frame] = {}
+# Frames of identity lookups (Session.get(), many-to-one), by id(session):
+# whatever loads the lookup runs happen in statements of their own.
+_session_frames: dict[int, list[Frame]] = {}
 
 
 @contextmanager
@@ -76,21 +83,35 @@ def push_frame(session: Session) -> Iterator[Frame]:
     """Record load/refresh events of *session* while the block runs."""
     frame = Frame()
     key = id(session)
-    stack = _frames.setdefault(key, [])
+    stack = _session_frames.setdefault(key, [])
     stack.append(frame)
     try:
         yield frame
     finally:
         stack.remove(frame)
         if not stack:
-            _frames.pop(key, None)
+            _session_frames.pop(key, None)
+
+
+def _frames_for(context: Any) -> Iterator[Frame]:
+    # SQLAlchemy fires these events with context=None (Session.merge()), with
+    # a sentinel object() (first access to a composite) and, in its own tests,
+    # with whatever a test passes by hand: look things up, never assume.
+    frame = _context_frames.get(id(context))
+    if frame is not None:
+        yield frame
+    if _session_frames:
+        session = getattr(context, "session", None)
+        if session is not None:
+            yield from _session_frames.get(id(session), ())
 
 
 def _on_load(state: InstanceState[Any], context: Any) -> None:
-    frames = _frames.get(id(context.session))
-    if frames:
-        for frame in frames:
+    try:
+        for frame in _frames_for(context):
             frame.loaded.add(state)
+    except Exception as error:  # noqa: BLE001 - a listener fails open
+        _internal_error("mapper load event", error)
 
 
 def _on_refresh(
@@ -100,14 +121,21 @@ def _on_refresh(
     # when it synchronises the session: that is not a read.
     if context is None:
         return
-    frames = _frames.get(id(context.session))
-    if not frames:
-        return
-    for frame in frames:
-        if attrs is None:
-            frame.loaded.add(state)
-        else:
-            frame.refreshed.setdefault(state, set()).update(attrs)
+    try:
+        for frame in _frames_for(context):
+            if attrs is None:
+                frame.loaded.add(state)
+            else:
+                frame.refreshed.setdefault(state, set()).update(attrs)
+    except Exception as error:  # noqa: BLE001 - a listener fails open
+        _internal_error("mapper refresh event", error)
+
+
+def _internal_error(where: str, error: BaseException) -> None:
+    """Tell every guard that one of the shared hooks failed (never raises)."""
+    for observer in _hooks.observers:
+        with suppress(Exception):
+            observer.internal_error(where, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +148,17 @@ class Hit:
 
 
 def hits_in_rows(
-    rows: Sequence[Any], scalars: bool, frame: Frame, statement: Any = None
+    rows: Sequence[Any],
+    scalars: bool,
+    frame: Frame,
+    statement: Any = None,
+    runid: int | None = None,
 ) -> list[Hit]:
     """
-    The persistent objects a read handed back that *frame* saw no full load for.
+    The persistent objects a read handed back that it did not fully load.
+
+    A full load (a new object, ``populate_existing``) stamps the state with
+    the statement's *runid*, and fires ``load``/``refresh`` into *frame*.
 
     Those are the entities of the result rows and, for joined eager loads
     (options of *statement*, or relationships configured ``lazy="joined"``),
@@ -143,7 +178,7 @@ def hits_in_rows(
     loaded = frame.loaded
     refreshed = frame.refreshed
     for state in returned:
-        if state in loaded:
+        if state in loaded or (runid is not None and state.runid == runid):
             continue
         fresh = refreshed.get(state)
         hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
@@ -240,6 +275,7 @@ class CheckOutcome:
     """Objects checked, by entity."""
     skipped_outside_greenlet: int = 0
     skipped_identity_token: int = 0
+    skipped_partial_key: int = 0
     dialect: str | None = None
     """The dialect name of the (first) database checked."""
     hits: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -408,6 +444,12 @@ def check_hits(
             # An identity token (horizontal sharding): which shard holds the
             # row is the sharded session's business; not checked, counted.
             outcome.skipped_identity_token += 1
+            continue
+        if state.key is not None and None in state.key[1]:
+            # A partial primary key (a mapper over an outer join,
+            # allow_partial_pks): "pk IN (...)" never matches a NULL part, so
+            # the row cannot be found this way; not checked, counted.
+            outcome.skipped_partial_key += 1
             continue
         mapper = state.mapper
         columns = columns_of.get(mapper)
@@ -581,36 +623,206 @@ def _autocommit(connection: Connection) -> bool:
     return bool(check()) if check is not None else False
 
 
-class LookupObserver:
-    """Receives the identity-map hits of ``Session.get()`` and many-to-one loads."""
+class ReadObserver:
+    """A guard, as the process-wide read hooks see it."""
+
+    def covers_statement(self, session: Session, connection: Connection) -> bool:
+        """Whether to check the objects of an ORM statement (sampling included)."""
+        raise NotImplementedError
+
+    def statement_hits(self, session: Session, hits: list[Hit]) -> None:
+        """Objects a sampled ORM statement served from the identity map."""
+        raise NotImplementedError
 
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
+        """Whether to check what an identity lookup serves (sampling included)."""
         raise NotImplementedError
 
     def identity_hit(self, session: Session, hit: Hit) -> None:
+        """An object ``Session.get()`` or a many-to-one load served from the map."""
+        raise NotImplementedError
+
+    def internal_error(self, where: str, error: BaseException) -> None:
+        """A shared hook failed; it carried on as if it were not there."""
         raise NotImplementedError
 
 
 class _Hooks:
-    """The process-wide listeners and the identity-lookup patch, reference counted."""
+    """The process-wide listeners and patches, reference counted."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.users = 0
-        self.observers: tuple[LookupObserver, ...] = ()
+        self.observers: tuple[ReadObserver, ...] = ()
         self.original_identity_lookup: Any = None
+        self.original_instances: Any = None
 
 
 _hooks = _Hooks()
+_END = object()
+
+
+def _guarded_instances(cursor: Any, context: Any) -> Any:
+    """
+    ``sqlalchemy.orm.loading.instances``, watched.
+
+    The result SQLAlchemy builds is handed back as it is (same object, same
+    type, same laziness); only its chunk generator is wrapped, so that the
+    objects of each chunk are checked once SQLAlchemy has made them, at the
+    moment the caller fetches them.
+    """
+    original = _hooks.original_instances
+    observers = _hooks.observers
+    if not observers:
+        return original(cursor, context)
+    try:
+        interested = _statement_observers(cursor, context, observers)
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("orm statement", error)
+        interested = None
+    if not interested:
+        return original(cursor, context)
+    frame = Frame()
+    key = id(context)
+    _context_frames[key] = frame
+    try:
+        result = original(cursor, context)
+    finally:
+        _context_frames.pop(key, None)
+    try:
+        _watch_chunks(result, context, frame, interested)
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("orm statement", error)
+    return result
+
+
+def _statement_observers(
+    cursor: Any, context: Any, observers: tuple[ReadObserver, ...]
+) -> list[ReadObserver] | None:
+    # Loads that overwrite what they find (populate_existing, refresh() and
+    # unexpire loads) cannot serve stale state; the objects of DML RETURNING
+    # are the session's own writes; a server-side cursor cannot share its
+    # connection with a check while it is being read.
+    if context.populate_existing or context.refresh_state is not None:
+        return None
+    statement = context.query
+    if getattr(statement, "is_dml", False) or getattr(
+        getattr(statement, "element", None), "is_dml", False
+    ):
+        return None
+    execution_context = getattr(cursor, "context", None)
+    if execution_context is None or execution_context._is_server_side:
+        return None
+    session = context.session
+    connection = execution_context.root_connection
+    return [o for o in observers if o.covers_statement(session, connection)]
+
+
+def _watch_chunks(
+    result: Any, context: Any, frame: Frame, observers: list[ReadObserver]
+) -> None:
+    if not isinstance(result, ChunkedIteratorResult):
+        return
+    source_chunks = result.chunks
+    scalars = result._source_supports_scalars
+    session = context.session
+    statement = context.query
+    runid = context.runid
+    key = id(context)
+    if context.execution_options.get("prebuffer_rows", False):
+        # The objects are made already (AsyncSession asks for this, and the
+        # rows are then read outside the greenlet): check them now.
+        for rows in source_chunks(None):
+            _report_hits(
+                session,
+                rows,
+                observers,
+                scalars=scalars,
+                frame=frame,
+                statement=statement,
+                runid=runid,
+            )
+        return
+
+    def chunks(size: int | None) -> Iterator[Any]:
+        source = source_chunks(size)
+        while True:
+            _context_frames[key] = frame
+            try:
+                rows = next(source, _END)
+            finally:
+                _context_frames.pop(key, None)
+            if rows is _END:
+                return
+            _report_hits(
+                session,
+                rows,
+                observers,
+                scalars=scalars,
+                frame=frame,
+                statement=statement,
+                runid=runid,
+            )
+            yield rows
+
+    result.chunks = chunks
+    # Nothing has been fetched yet: rebuild the iterator as the result made it
+    # (yield_per included) over the watched chunks.
+    result.iterator = itertools.chain.from_iterable(chunks(result._yield_per))
+
+
+def _report_hits(
+    session: Session,
+    rows: Any,
+    observers: list[ReadObserver],
+    *,
+    scalars: bool,
+    frame: Frame,
+    statement: Any,
+    runid: int,
+) -> None:
+    try:
+        hits = hits_in_rows(rows, scalars, frame, statement, runid)
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("orm statement", error)
+        return
+    if hits:
+        for observer in observers:
+            # Fail-open by itself; raises only what on_stale="raise" asks for.
+            observer.statement_hits(session, hits)
 
 
 def _guarded_identity_lookup(
     self: Session, mapper: Mapper[Any], *args: Any, **kwargs: Any
 ) -> Any:
-    observers = _hooks.observers
     original = _hooks.original_identity_lookup
-    if not observers:
+    if not _hooks.observers:
         return original(self, mapper, *args, **kwargs)
+    try:
+        interested = _lookup_observers(self, mapper, args, kwargs)
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("identity lookup", error)
+        interested = None
+    if not interested:
+        return original(self, mapper, *args, **kwargs)
+    with push_frame(self) as frame:
+        instance = original(self, mapper, *args, **kwargs)
+    try:
+        state = getattr(instance, "_sa_instance_state", None)
+        hit = hit_after_lookup(state, frame) if state is not None else None
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("identity lookup", error)
+        return instance
+    if hit is not None:
+        for observer in interested:
+            # Fail-open by itself; raises only what on_stale="raise" asks for.
+            observer.identity_hit(self, hit)
+    return instance
+
+
+def _lookup_observers(
+    session: Session, mapper: Mapper[Any], args: tuple[Any, ...], kwargs: Any
+) -> list[ReadObserver] | None:
     # (primary_key_identity, identity_token, passive, ...): a lookup whose
     # passive flags forbid SQL only peeks at the map (a backref fetching the
     # old value of an assignment, the unit of work): it is not a read.
@@ -619,21 +831,9 @@ def _guarded_identity_lookup(
         if "passive" in kwargs
         else (args[2] if len(args) > 2 else PASSIVE_OFF)
     )
-    if not passive & SQL_OK or self._flushing:
-        return original(self, mapper, *args, **kwargs)
-    interested = [o for o in observers if o.covers_lookup(self, mapper)]
-    if not interested:
-        return original(self, mapper, *args, **kwargs)
-    with push_frame(self) as frame:
-        instance = original(self, mapper, *args, **kwargs)
-    state = getattr(instance, "_sa_instance_state", None)
-    if state is None:
-        return instance
-    hit = hit_after_lookup(state, frame)
-    if hit is not None:
-        for observer in interested:
-            observer.identity_hit(self, hit)
-    return instance
+    if not passive & SQL_OK or session._flushing:
+        return None
+    return [o for o in _hooks.observers if o.covers_lookup(session, mapper)]
 
 
 def _lookup_signature_ok() -> bool:
@@ -644,13 +844,21 @@ def _lookup_signature_ok() -> bool:
     return parameters[:3] == ["self", "mapper", "primary_key_identity"]
 
 
-def acquire_hooks(observer: LookupObserver) -> bool:
-    """
-    Register the mapper events and the identity-lookup hook (once per process).
+def _instances_signature_ok() -> bool:
+    function = getattr(loading, "instances", None)
+    if function is None:
+        return False
+    return list(inspect.signature(function).parameters) == ["cursor", "context"]
 
-    Returns whether ``Session.get()`` hits can be observed on this SQLAlchemy:
-    the hook wraps ``Session._identity_lookup``, whose signature is checked
-    first (it is the same on 2.0.x and 2.1.x).
+
+def acquire_hooks(observer: ReadObserver) -> None:
+    """
+    Register the mapper events and the read hooks (once per process).
+
+    The hooks wrap ``sqlalchemy.orm.loading.instances`` (every ORM statement's
+    objects) and ``Session._identity_lookup`` (``Session.get()`` and
+    many-to-one loads), whose signatures are checked first (they are the same
+    on 2.0.x and 2.1.x).
     """
     with _hooks.lock:
         if _hooks.users == 0:
@@ -659,19 +867,32 @@ def acquire_hooks(observer: LookupObserver) -> bool:
             if _lookup_signature_ok():
                 _hooks.original_identity_lookup = Session.__dict__["_identity_lookup"]
                 Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
+            if _instances_signature_ok():
+                _hooks.original_instances = loading.instances
+                loading.instances = _guarded_instances
         _hooks.users += 1
         _hooks.observers = (*_hooks.observers, observer)
-        return _hooks.original_identity_lookup is not None
 
 
-def release_hooks(observer: LookupObserver) -> None:
+def hooks_in_place() -> bool:
+    """Whether the shared listeners are still registered (someone may clear them)."""
+    return event.contains(Mapper, "load", _on_load) and event.contains(
+        Mapper, "refresh", _on_refresh
+    )
+
+
+def release_hooks(observer: ReadObserver) -> None:
     """Undo :func:`acquire_hooks` once the last guard is gone."""
     with _hooks.lock:
         _hooks.observers = tuple(o for o in _hooks.observers if o is not observer)
         _hooks.users -= 1
         if _hooks.users == 0:
-            event.remove(Mapper, "load", _on_load)
-            event.remove(Mapper, "refresh", _on_refresh)
+            for identifier, function in (("load", _on_load), ("refresh", _on_refresh)):
+                if event.contains(Mapper, identifier, function):
+                    event.remove(Mapper, identifier, function)
             if _hooks.original_identity_lookup is not None:
                 Session._identity_lookup = _hooks.original_identity_lookup  # type: ignore[method-assign]
                 _hooks.original_identity_lookup = None
+            if _hooks.original_instances is not None:
+                loading.instances = _hooks.original_instances
+                _hooks.original_instances = None

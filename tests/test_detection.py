@@ -625,13 +625,8 @@ def test_sql_expression_column_property_is_not_compared(extra):
         assert _names(finding) == ["label"]
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"populate_existing": True}, {"yield_per": 10}],
-    ids=["populate_existing", "yield_per"],
-)
-def test_populate_existing_and_yield_per_are_not_checked(db, seed, options):
-    """Statements with populate_existing or yield_per are not checked at all."""
+def test_populate_existing_is_not_checked(db, seed):
+    """A populate_existing statement overwrites what it finds: nothing to check."""
     seed(db)
     engine = db.engine()
     guard = install_guard(engine)
@@ -641,15 +636,49 @@ def test_populate_existing_and_yield_per_are_not_checked(db, seed, options):
         _commit_elsewhere(db, update(User).values(name="bob"))
 
         with _sql_log(engine) as statements:
-            again = session.scalars(select(User).execution_options(**options)).one()
+            query = select(User).execution_options(populate_existing=True)
+            again = session.scalars(query).one()
         assert again is user
-        # populate_existing reads fresh; yield_per returns the stale value unchecked
-        expected = "bob" if "populate_existing" in options else "alice"
-        assert user.name == expected
+        assert user.name == "bob"  # read fresh
 
         assert _check_queries(statements) == []
         assert _stale(guard) == []
         assert guard.stats().identity_map_hits == 0
+
+
+@pytest.mark.parametrize("options", [{"yield_per": 1}, {"yield_per": 10}])
+def test_yield_per_chunks_are_checked(db, seed, options):
+    """
+    yield_per on a client-side cursor (SQLite): each chunk is checked as it is
+    fetched. Where yield_per streams from a server-side cursor (PostgreSQL),
+    the connection is busy with it: not checked.
+    """
+    seed(db)
+    engine = db.engine()
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+        again = session.scalars(select(User).execution_options(**options)).one()
+        assert again is user and again.name == "alice"  # the bug, unguarded
+
+    _commit_elsewhere(db, update(User).values(name="alice"))
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        _commit_elsewhere(db, update(User).values(name="bob"))
+        result = session.scalars(select(User).execution_options(**options))
+        assert _stale(guard) == []  # nothing fetched, nothing read yet
+        again = result.one()
+        assert again is user and again.name == "alice"
+
+    if engine.dialect.supports_server_side_cursors:
+        assert _stale(guard) == []
+        assert guard.stats().identity_map_hits == 0
+        return
+    [finding] = _stale(guard)
+    assert _names(finding) == ["name"]
 
 
 def test_expire_all_then_read_is_fresh_and_not_reported(db, seed):
