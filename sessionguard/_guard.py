@@ -252,6 +252,7 @@ class Guard(_stale.ReadObserver):
         self._random = random.Random()
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
+        self._logged_errors: set[tuple[str, str]] = set()
         # Who installed the guard on everyone's behalf (the pytest plugin):
         # install_guard() then refuses to hand it out to be uninstalled.
         self._owner: str | None = None
@@ -661,6 +662,12 @@ class Guard(_stale.ReadObserver):
 
     def _internal_error(self, where: str, error: BaseException) -> None:
         self._counters.add("internal_errors")
+        # Logged once per place and kind of error (with its traceback): a
+        # listener that fails for every statement must not flood the log.
+        kind = (where, type(error).__name__)
+        if kind in self._logged_errors:
+            return
+        self._logged_errors.add(kind)
         # If the logger itself is what broke, the counter is all that is left.
         with contextlib.suppress(Exception):
             self._telemetry.internal_error(where, error)
