@@ -253,6 +253,7 @@ class Guard(_stale.ReadObserver):
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
         self._logged_errors: set[tuple[str, str]] = set()
+        self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         # Who installed the guard on everyone's behalf (the pytest plugin):
         # install_guard() then refuses to hand it out to be uninstalled.
         self._owner: str | None = None
@@ -358,6 +359,7 @@ class Guard(_stale.ReadObserver):
                     span.end()
         self._sessions.clear()
         self._connections.clear()
+        self._watched_engines.clear()
 
     def __enter__(self) -> Guard:
         return self
@@ -400,13 +402,30 @@ class Guard(_stale.ReadObserver):
         self._listen(listen_on, "after_rollback", self._after_rollback)
         self._listen(listen_on, "after_transaction_end", self._after_transaction_end)
         self._listen(listen_on, "do_orm_execute", self._do_orm_execute)
-        if self._detect:
-            self._listen(Engine, "before_execute", self._before_core_execute)
-            self._listen(Engine, "before_cursor_execute", self._before_cursor_execute)
         if self._detect or "request" in self._config.expire:
             self._lookup_hooked = True
             _stale.acquire_hooks(self)
         self._installed = True
+        if self._detect and target.engine is not None:
+            self._watch_engine(target.engine)
+
+    def _watch_engine(self, engine: Engine) -> None:
+        """
+        Listen for writes that bypass the session on *engine*.
+
+        Per engine, as sessions first use it, rather than on the Engine class:
+        a class-level listener makes every connection of every engine in the
+        process take SQLAlchemy's event path. A Connection checks its engine's
+        listeners at each execution, so one already open sees them too.
+        """
+        if engine in self._watched_engines:
+            return
+        with _installed_lock:
+            if engine in self._watched_engines or not self._installed:
+                return
+            self._watched_engines.add(engine)
+            self._listen(engine, "before_execute", self._before_core_execute)
+            self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
 
     def _listen(
         self, target: Any, identifier: str, function: Callable[..., Any]
@@ -463,6 +482,8 @@ class Guard(_stale.ReadObserver):
             state.namespace,
         )
         self._connections[connection] = weakref.ref(session)
+        if self._detect:
+            self._watch_engine(connection.engine)
         self._check_request(session, state)
         if "begin" in self._config.expire:
             self._expire(session, "begin")

@@ -369,3 +369,30 @@ def test_a_guard_keeps_its_own_target_collectable(sqlite_db):
     assert not engine_guard.installed
     assert _stale._hooks.users == 0
     guard.uninstall()  # still safe to call
+
+
+def test_core_listeners_only_on_engines_that_guarded_sessions_use(sqlite_db):
+    """No listener on the Engine class: an engine no guarded session uses stays bare."""
+    from sqlalchemy import Engine, text
+
+    used = sqlite_db.engine()
+    unused = sqlite_db.engine()
+    guard = install_guard(None)
+    assert not unused._has_events and not used._has_events
+    with used.connect() as early:  # opened before any guarded transaction
+        with Session(used) as session:
+            session.add(User(id=1, name="alice"))
+            session.commit()
+            user = session.get(User, 1)
+            session.execute(text("UPDATE sg_users SET name = 'bob'"))
+            assert user.name == "alice"
+        early.execute(select(1))
+    assert used._has_events
+    assert not unused._has_events
+    assert not event.contains(Engine, "before_execute", guard._before_core_execute)
+    [finding] = guard.findings
+    assert (finding.kind, finding.table) == ("unsynchronized_write", "sg_users")
+
+    assert event.contains(used, "before_execute", guard._before_core_execute)
+    guard.uninstall()
+    assert not event.contains(used, "before_execute", guard._before_core_execute)
