@@ -664,6 +664,12 @@ def read_report(target: str | Engine) -> Report:
                 system, settings = reader(connection)
     except exc.DBAPIError as error:
         raise _connect_error(masked, url, error) from None
+    except OSError as error:  # asyncpg's refused connection is not wrapped
+        where = f"{url.host or 'localhost'}" + (f":{url.port}" if url.port else "")
+        raise DoctorError(
+            f"{masked}: cannot reach the server: {error}; is the server running "
+            f"and listening at {where}?"
+        ) from None
     except ImportError as error:  # an async driver's own import, at connect
         module = (error.name or "").split(".")[0]
         package = _PIP_PACKAGES.get(module, module)

@@ -125,6 +125,7 @@ def test_missing_driver_names_the_pip_package_and_masks_the_password(monkeypatch
     [
         "postgresql+psycopg://app:s3cret@127.0.0.1:{port}/app",
         "mysql+pymysql://app:s3cret@127.0.0.1:{port}/app",
+        "postgresql+asyncpg://app:s3cret@127.0.0.1:{port}/app",
     ],
 )
 def test_refused_connection(url):
@@ -782,6 +783,18 @@ def test_json_prints_the_same_facts(tmp_path, mysql_url):
     assert one_sided == [
         {"name": "journal_mode", "values": ["delete", None], "counted": False}
     ]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_async_and_sync_drivers_read_the_same(pg_url, driver):
+    """An asyncio URL is read through its own driver, with the same facts."""
+    url = make_url(pg_url).set(drivername=f"postgresql+{driver}")
+    status, out, err = _run("--json", url.render_as_string(hide_password=False))
+    assert (status, err) == (0, "")
+    [database] = json.loads(out)["databases"]
+    values = {s["name"]: s["value"] for s in database["settings"]}
+    assert values["visibility"] == "per statement"
+    assert values["isolation level"] == "READ COMMITTED"
 
 
 def test_mysql_url_to_mariadb_says_mariadb(mysql_url):
