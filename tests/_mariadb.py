@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def private_database(url: str) -> Iterator[str]:
     from sqlalchemy.exc import DBAPIError
 
     parsed = make_url(url)
-    name = f"sessionguard_test_{os.getpid()}"
+    name = f"sessionguard_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(parsed)
     try:
         with admin.connect() as connection:
