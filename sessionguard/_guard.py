@@ -463,7 +463,7 @@ class Guard(_stale.ReadObserver):
         state.thread = threading.get_ident()
         state.stale_reads = 0
         state.reported_writes.clear()
-        state.system = db_system_name(connection.dialect.name)
+        state.system = db_system_name(connection.dialect)
         state.namespace = connection.engine.url.database
         size = len(session.identity_map)
         self._counters.add("transactions")

@@ -33,6 +33,7 @@ from ._findings import REDACTED, AttributeDiff, StaleRead
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.orm.state import InstanceState
     from sqlalchemy.sql import Select
 
@@ -276,8 +277,8 @@ class CheckOutcome:
     skipped_outside_greenlet: int = 0
     skipped_identity_token: int = 0
     skipped_partial_key: int = 0
-    dialect: str | None = None
-    """The dialect name of the (first) database checked."""
+    dialect: Dialect | None = None
+    """The dialect of the (first) database checked."""
     hits: dict[str, int] = dataclasses.field(default_factory=dict)
     """Objects that kept an attribute value from the identity map, by entity."""
 
@@ -493,7 +494,7 @@ def _check_mapper(
 ) -> None:
     bind = session.get_bind(mapper=mapper)
     if outcome.dialect is None:
-        outcome.dialect = bind.dialect.name
+        outcome.dialect = bind.dialect
     if bind.dialect.is_async and not in_greenlet():
         raise _OutsideGreenlet
     keys = tuple(sorted({key for _, state_keys in entries for key in state_keys}))

@@ -20,6 +20,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
+    from sqlalchemy.engine import Dialect
 
     from ._config import GuardConfig
     from ._findings import Finding, StaleRead
@@ -52,9 +53,18 @@ OBJECTS_BUCKETS = (
 )  # fmt: skip
 
 
-def db_system_name(dialect_name: str) -> str:
-    """The semantic-conventions ``db.system.name`` for a SQLAlchemy dialect."""
-    return DB_SYSTEM_NAMES.get(dialect_name, "other_sql")
+def db_system_name(dialect: Dialect | str) -> str:
+    """The semantic-conventions ``db.system.name`` for a SQLAlchemy dialect.
+
+    Given the dialect itself, a ``mysql://`` URL that reached a MariaDB server is
+    ``mariadb``: the MySQL dialect keeps its name and says so in ``is_mariadb``
+    once connected. Given only a name, that cannot be told.
+    """
+    if isinstance(dialect, str):
+        return DB_SYSTEM_NAMES.get(dialect, "other_sql")
+    if getattr(dialect, "is_mariadb", False):
+        return "mariadb"
+    return DB_SYSTEM_NAMES.get(dialect.name, "other_sql")
 
 
 class Telemetry:

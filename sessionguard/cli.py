@@ -202,12 +202,27 @@ def _parser() -> argparse.ArgumentParser:
         help="explain what in each database's configuration affects what a "
         "session reads; with several URLs, diff them (exit 1 on a difference "
         "that matters)",
+        description="Explain what in each database's configuration affects what "
+        "a session reads (isolation level, snapshot behaviour, read-only, ...), "
+        "one line each; with several URLs, a side-by-side diff. Nothing is "
+        "created or changed: SQLite files are opened read-only.",
+        epilog="exit status:\n"
+        "  0  read; no setting that changes what a session reads differs\n"
+        "  1  a setting that changes what a session reads (isolation level in\n"
+        "     effect, snapshot behaviour, read-only) differs between the URLs;\n"
+        "     settings that exist on one side only are listed, not counted\n"
+        "  2  a bad URL, a missing driver, a refused connection or login, a\n"
+        "     missing SQLite file: one line on stderr",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     doctor.add_argument("urls", nargs="+", metavar="URL", help="SQLAlchemy URLs")
+    doctor.add_argument(
+        "--json", action="store_true", help="print the same facts as JSON"
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+def main(argv: Sequence[str] | None = None, out: Any = None, err: Any = None) -> int:
     """Run the command line; returns the exit status."""
     arguments = _parser().parse_args(argv)
     stream: TextIO = out if out is not None else sys.stdout
@@ -216,7 +231,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     if arguments.command == "doctor":
         from ._doctor import doctor
 
-        return doctor(arguments.urls, stream)
+        return doctor(arguments.urls, stream, err, as_json=arguments.json)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite and PostgreSQL databases, and guard clean-up."""
+"""Shared fixtures: real SQLite, PostgreSQL and MariaDB databases, and guard clean-up."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 
 from sessionguard import _guard, _stale
 
+from ._mariadb import MariaDBUnavailable, private_database, throwaway_mariadb
 from ._postgres import PostgresUnavailable, throwaway_postgres
 from .models import Address, Base, User
 
@@ -39,6 +40,21 @@ def pg_url() -> Iterator[str]:
         _unavailable(f"PostgreSQL is unavailable ({error})")
 
 
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """A MariaDB/MySQL URL: SESSIONGUARD_TEST_MYSQL_URL, or a throwaway mariadbd."""
+    configured = os.environ.get("SESSIONGUARD_TEST_MYSQL_URL")
+    if configured:
+        with private_database(configured) as url:
+            yield url
+        return
+    try:
+        with throwaway_mariadb() as url:
+            yield url
+    except MariaDBUnavailable as error:
+        _unavailable(f"MariaDB is unavailable ({error})")
+
+
 @dataclasses.dataclass
 class Database:
     """One test database and how to reach it, synchronously and with asyncio."""
@@ -47,17 +63,20 @@ class Database:
     url: str
     async_url: str
     engines: list[Any] = dataclasses.field(default_factory=list)
+    engine_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options every engine of the test gets unless the test says otherwise."""
 
     def engine(self, **kwargs: Any) -> Engine:
         """A new engine on the database (disposed at the end of the test)."""
-        engine = create_engine(self.url, **kwargs)
+        engine = create_engine(self.url, **{**self.engine_defaults, **kwargs})
         self.engines.append(engine)
         return engine
 
     def async_engine(self, **kwargs: Any) -> Any:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(self.async_url, **kwargs)
+        options = {**self.engine_defaults, **kwargs}
+        engine = create_async_engine(self.async_url, **options)
         self.engines.append(engine)
         return engine
 
@@ -78,13 +97,55 @@ def _postgres(url: str) -> Database:
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def mysql_system(url: str) -> str:
+    """``mariadb`` or ``mysql``: what the server at *url* really is."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return (
+                "mariadb"
+                if getattr(connection.dialect, "is_mariadb", False)
+                else "mysql"
+            )
+    finally:
+        engine.dispose()
+
+
+_systems: dict[str, str] = {}
+
+
+def _mysql(url: str) -> Database:
+    """MariaDB (or MySQL), READ COMMITTED unless a test asks otherwise.
+
+    The server's default is REPEATABLE READ, where the session's snapshot is the
+    truth and an outside commit is no stale read (DESIGN §1); the scenarios that
+    show a stale read need READ COMMITTED, like PostgreSQL's default. Tests of
+    REPEATABLE READ pass ``isolation_level`` themselves.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()  # mysql:// or mariadb://, as given
+    sync = parsed.set(drivername=f"{backend}+pymysql")
+    async_ = parsed.set(drivername=f"{backend}+aiomysql")
+    rendered = sync.render_as_string(hide_password=False)
+    if rendered not in _systems:
+        _systems[rendered] = mysql_system(rendered)
+    return Database(
+        _systems[rendered],
+        rendered,
+        async_.render_as_string(hide_password=False),
+        engine_defaults={"isolation_level": "READ COMMITTED"},
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def db(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database]:
     """Each test database in turn, with the test models' tables created empty."""
     if request.param == "sqlite":
         database = _sqlite(tmp_path)
-    else:
+    elif request.param == "postgresql":
         database = _postgres(request.getfixturevalue("pg_url"))
+    else:
+        database = _mysql(request.getfixturevalue("mysql_url"))
     setup = create_engine(database.url)
     Base.metadata.drop_all(setup)
     Base.metadata.create_all(setup)

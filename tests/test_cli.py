@@ -1,12 +1,10 @@
-"""The sessionguard command: demo and doctor, run for real."""
+"""The sessionguard command's demo, run for real (doctor: tests/test_doctor.py)."""
 
 from __future__ import annotations
 
 import io
 import subprocess
 import sys
-
-from sqlalchemy import create_engine, text
 
 from sessionguard.cli import main
 
@@ -33,46 +31,3 @@ def test_console_script_runs_the_demo():
     )
     assert done.returncode == 0, done.stderr
     assert "demo OK" in done.stdout
-
-
-def test_doctor_explains_one_database(sqlite_db):
-    """doctor prints each visibility-relevant setting with one line of meaning."""
-    out = io.StringIO()
-    assert main(["doctor", sqlite_db.url], out=out) == 0
-    printed = out.getvalue()
-    assert "journal_mode: delete" in printed
-    assert "isolation level (this connection): SERIALIZABLE" in printed
-
-
-def test_doctor_diff_exits_1_on_a_visibility_difference(tmp_path):
-    """Two SQLite files in different journal modes differ in what matters: exit 1."""
-    wal = tmp_path / "wal.sqlite"
-    engine = create_engine(f"sqlite:///{wal}")
-    with engine.connect() as connection:
-        connection.execute(text("PRAGMA journal_mode=wal"))
-    engine.dispose()
-    out = io.StringIO()
-    status = main(
-        ["doctor", f"sqlite:///{tmp_path / 'plain.sqlite'}", f"sqlite:///{wal}"],
-        out=out,
-    )
-    assert status == 1
-    assert "! journal_mode" in out.getvalue()
-
-
-def test_doctor_same_settings_exit_0(tmp_path):
-    """Two databases with the same relevant settings: exit 0."""
-    out = io.StringIO()
-    urls = [f"sqlite:///{tmp_path / 'a.sqlite'}", f"sqlite:///{tmp_path / 'b.sqlite'}"]
-    assert main(["doctor", *urls], out=out) == 0
-
-
-def test_doctor_on_postgresql_tells_the_truth_about_synchronous_commit(pg_url):
-    """On PostgreSQL doctor says synchronous_commit is durability, not visibility."""
-    out = io.StringIO()
-    url = pg_url.replace("postgresql://", "postgresql+psycopg://")
-    assert main(["doctor", url], out=out) == 0
-    printed = out.getvalue()
-    assert "default_transaction_isolation: read committed" in printed
-    assert "never changes what other sessions see" in printed
-    assert "transaction_read_only: off" in printed

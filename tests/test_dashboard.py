@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -123,3 +124,42 @@ def test_dashboards_page_shows_every_query_of_the_dashboard():
     assert not missing, f"PromQL not quoted in docs/dashboards.md: {missing}"
     for panel in panels(dashboard):
         assert f"**{panel['title']}**" in page, panel["title"]
+
+
+def test_db_system_variable_lists_mariadb_and_sqlite_apart(db, seed):
+    """The db_system variable's label carries what the server is, per backend.
+
+    A workload on each test database (MariaDB reached through the URL spelling
+    its environment gives, mysql:// in CI) exposes db_system_name values that the
+    variable's label_values() query lists and its filter selects one by one.
+    """
+    seed(db)
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    engine = db.engine()
+    install_guard(engine, meter_provider=provider, expire={"request"})
+    workload = Workload(engine, db.engine())
+    workload.phase(stale_reads=1)
+    workload.close()
+    [variable] = [
+        v for v in load_dashboard()["templating"]["list"] if v["name"] == "db_system"
+    ]
+    metric, label = re.fullmatch(
+        r'label_values\((\w+)\{job=~"\$job"\}, (\w+)\)', variable["definition"]
+    ).groups()
+    values = {
+        sample.labels[label]
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == metric
+    }
+    expected = db.name  # for MariaDB: what the server says it is
+    assert values == {expected}
+    stale = {
+        sample.labels.get(label)
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "sessionguard_stale_reads_total"
+    }
+    assert stale == {expected}
+    provider.shutdown()

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
+import sqlalchemy
 import structlog
 from sqlalchemy import (
     CHAR,
@@ -164,6 +165,7 @@ class Typed(ExtraBase):
 
 
 TYPED_ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
+# RFC 4122 UUIDs only: MariaDB's native UUID type rejects others.
 TYPED_VALUES: dict[str, Any] = {
     "point": (1, 2),
     "document": {"a": [1, 2, {"b": None}], "c": "d"},
@@ -171,7 +173,7 @@ TYPED_VALUES: dict[str, Any] = {
     "happened_at": datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc),
     "mood": Mood.HAPPY,
     "blob": b"\x00\x01binary\xff",
-    "reference": uuid.UUID("87654321-4321-8765-4321-876543218765"),
+    "reference": uuid.UUID("87654321-4321-4765-8321-876543218765"),
 }
 TYPED_CHANGES: dict[str, Any] = {
     "point": (1, 3),
@@ -180,7 +182,7 @@ TYPED_CHANGES: dict[str, Any] = {
     "happened_at": datetime.datetime(2024, 5, 1, 12, 31, tzinfo=datetime.timezone.utc),
     "mood": Mood.GRUMPY,
     "blob": b"\x00\x01binary\xfe",
-    "reference": uuid.UUID("87654321-4321-8765-4321-876543218766"),
+    "reference": uuid.UUID("87654321-4321-4765-8321-876543218766"),
 }
 
 
@@ -702,18 +704,25 @@ def test_expire_all_then_read_is_fresh_and_not_reported(db, seed):
         assert _stale(guard) == []
 
 
-# -- 4. PostgreSQL isolation levels ----------------------------------------------------
+# -- 4. isolation levels on PostgreSQL and MariaDB ---------------------------------------
 
 
-@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
-def test_postgres_read_committed_reports_row_committed_after_load(db, seed):
+@pytest.mark.parametrize("db", ["postgresql", "mariadb"], indirect=True)
+def test_read_committed_reports_row_committed_after_load(db, seed):
     """READ COMMITTED: a row committed elsewhere mid-transaction is reported."""
     seed(db)
-    engine = db.engine()
+    engine = db.engine(isolation_level="READ COMMITTED")
+    with Session(engine) as session:  # first, the bug without a guard
+        user = session.get(User, 1)
+        _commit_elsewhere(db, update(User).values(name="bob"))
+        fresh = select(User).execution_options(populate_existing=True)
+        assert session.scalars(select(User)).one().name == "alice"
+        assert session.scalars(fresh).one().name == "bob"  # what the row says
+    _commit_elsewhere(db, update(User).values(name="alice"))
+
     guard = install_guard(engine)
     with Session(engine) as session:
-        isolation = session.connection().exec_driver_sql("SHOW transaction_isolation")
-        assert isolation.scalar() == "read committed"
+        assert session.connection().get_isolation_level() == "READ COMMITTED"
         user = session.get(User, 1)
         _commit_elsewhere(db, update(User).values(name="bob"))
 
@@ -725,14 +734,24 @@ def test_postgres_read_committed_reports_row_committed_after_load(db, seed):
         assert user.name == "alice"
 
 
-@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
-@pytest.mark.parametrize("isolation_level", ["REPEATABLE READ", "SERIALIZABLE"])
-def test_postgres_snapshot_isolation_reports_nothing(db, seed, isolation_level):
+# MariaDB's SERIALIZABLE makes plain reads take shared locks: the other writer
+# would wait for the session to end, so there is nothing to see mid-transaction.
+@pytest.mark.parametrize(
+    ("db", "isolation_level"),
+    [
+        ("postgresql", "REPEATABLE READ"),
+        ("postgresql", "SERIALIZABLE"),
+        ("mariadb", "REPEATABLE READ"),
+    ],
+    indirect=["db"],
+)
+def test_snapshot_isolation_reports_nothing(db, seed, isolation_level):
     """REPEATABLE READ / SERIALIZABLE: the snapshot is the truth, nothing reported."""
     seed(db)
     engine = db.engine(isolation_level=isolation_level)
     guard = install_guard(engine)
     with Session(engine) as session:
+        assert session.connection().get_isolation_level() == isolation_level
         user = session.get(User, 1)
         _commit_elsewhere(db, update(User).values(name="bob"))
 
@@ -907,17 +926,24 @@ def test_single_table_inheritance_polymorphic_select(extra):
         assert found == [("Car", (1,), ["doors"]), ("Truck", (2,), ["wheels"])]
 
 
-@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
-def test_postgres_native_uuid_primary_key(extra):
-    """On PostgreSQL, Uuid is the native UUID type, and binds correctly in the check."""
+@pytest.mark.parametrize("db", ["postgresql", "mariadb"], indirect=True)
+def test_native_uuid_primary_key(extra):
+    """Uuid binds correctly in the check, native (PostgreSQL; MariaDB from
+    SQLAlchemy 2.1) or CHAR(32) (MariaDB on SQLAlchemy 2.0)."""
     _seed_typed(extra)
     engine = extra.engine()
     with engine.connect() as connection:
         udt = connection.exec_driver_sql(
             "SELECT data_type FROM information_schema.columns "
             "WHERE table_name = 'sgd_typed' AND column_name = 'id'"
+            " AND table_schema = current_schema()"
+            if extra.name == "postgresql"
+            else "SELECT data_type FROM information_schema.columns "
+            "WHERE table_name = 'sgd_typed' AND column_name = 'id'"
+            " AND table_schema = database()"
         ).scalar()
-    assert udt == "uuid"
+    native = extra.name == "postgresql" or not sqlalchemy.__version__.startswith("2.0")
+    assert udt == ("uuid" if native else "char")
     guard = install_guard(engine)
     with Session(engine, expire_on_commit=False) as session:
         row = session.get(Typed, TYPED_ID)

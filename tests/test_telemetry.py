@@ -373,3 +373,50 @@ def test_uninstall_mid_transaction_ends_the_open_span(sqlite_db, seed, otel):
     gc.collect()
     assert guard_ref() is None  # no finalizer of the open transaction holds it
     session.close()
+
+
+@pytest.mark.parametrize("spelling", ["mysql", "mariadb"])
+def test_mariadb_is_mariadb_however_the_url_spells_it(mysql_url, spelling, seed, otel):
+    """A mysql:// URL that reaches MariaDB reports db.system.name 'mariadb' too.
+
+    The MySQL dialect keeps the name ``mysql`` on a MariaDB server; the span
+    and the stale-read counter (also for a get() outside any transaction) must
+    say what the server is, as the dashboard's db_system variable lists it.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from .conftest import _mysql, mysql_system
+    from .models import Base
+
+    url = make_url(mysql_url).set(drivername=f"{spelling}+pymysql")
+    database = _mysql(url.render_as_string(hide_password=False))
+    expected = mysql_system(database.url)
+    setup = create_engine(database.url)
+    Base.metadata.drop_all(setup)
+    Base.metadata.create_all(setup)
+    try:
+        seed(database)
+        engine = database.engine()
+        assert engine.dialect.name == spelling
+        install_guard(
+            engine,
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        session = Session(engine, expire_on_commit=False)
+        user = _stale_workload(database, session)
+        assert session.get(User, 1) is user  # outside a transaction: no SQL
+        assert user.name == "alice"  # the stale value
+        session.close()
+        [span] = otel.spans()
+        assert span.attributes["db.system.name"] == expected
+        stale = otel.points("sessionguard.stale_reads")
+        assert list(stale) == [
+            (("db.system.name", expected), ("sessionguard.entity", "User"))
+        ]
+    finally:
+        for engine in database.engines:
+            engine.dispose()
+        Base.metadata.drop_all(setup)
+        setup.dispose()
