@@ -32,13 +32,14 @@ from ._findings import (
     StaleRead,
     UnsynchronizedWrite,
 )
+from ._location import user_location as _user_location
 from ._targets import Target, resolve_target
 from ._telemetry import Telemetry, db_system_name
 from .exceptions import SessionGuardError, SessionGuardWarning, StaleReadError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-    from types import FrameType, TracebackType
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
 
     from opentelemetry.trace import Span
     from sqlalchemy.engine import FrozenResult
@@ -140,11 +141,6 @@ _installed_lock = threading.RLock()
 # were uninstalled (the test suite's clean-up walks it).
 _live: set[Guard] = set()
 
-_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__)) + os.sep
-# sessionguard's private modules; the public ones (cli, testing, ...) can be
-# where a read happens.
-_OWN_PRIVATE = os.path.join(os.path.dirname(__file__), "_")
-_SKIPPED = (_SQLALCHEMY_DIR, _OWN_PRIVATE)
 _TEXT_WRITE = re.compile(
     r"^\s*(?:update\s+(?:only\s+)?|delete\s+from\s+(?:only\s+)?|insert\s+(?:or\s+\w+\s+)?into\s+)"
     r"([`\"\[]?[\w.$]+[`\"\]]?)",
@@ -197,35 +193,6 @@ def _warn_at(message: str, location: str | None) -> None:
             module = name
             break
     warnings.warn_explicit(message, SessionGuardWarning, path, int(line), module=module)
-
-
-def _caller_frames() -> Iterator[FrameType]:
-    """The caller's frames, then those of each parent greenlet in turn."""
-    frame: FrameType | None = sys._getframe(2)
-    # Under asyncio the ORM runs in a greenlet whose own stack ends inside
-    # SQLAlchemy; the user's coroutine is on the parent greenlet's stack.
-    greenlet_module = sys.modules.get("greenlet")
-    current = greenlet_module.getcurrent() if greenlet_module is not None else None
-    while True:
-        while frame is not None:
-            yield frame
-            frame = frame.f_back
-        current = current.parent if current is not None else None
-        if current is None:
-            return
-        frame = current.gr_frame
-
-
-def _user_location() -> str | None:
-    """``file:line`` of the first frame outside SQLAlchemy and sessionguard."""
-    fallback = None
-    for frame in _caller_frames():
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIPPED):
-            if "greenlet" not in filename and not filename.startswith("<frozen"):
-                return f"{filename}:{frame.f_lineno}"
-            fallback = fallback or f"{filename}:{frame.f_lineno}"
-    return fallback
 
 
 class Guard(_stale.LookupObserver):
