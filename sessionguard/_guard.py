@@ -103,7 +103,9 @@ class _SessionState:
 
     __slots__ = (
         "began_at",
+        "cross_thread_reported",
         "finalizer",
+        "inside",
         "namespace",
         "reported_writes",
         "request",
@@ -112,7 +114,6 @@ class _SessionState:
         "statements",
         "statements_at_begin",
         "system",
-        "thread",
         "transaction",
     )
 
@@ -121,7 +122,10 @@ class _SessionState:
         self.began_at = 0.0
         self.statements = 0
         self.statements_at_begin = 0
-        self.thread = 0
+        # Threads executing on the session's connection right now, with
+        # how deep (a statement can run inside another one's event).
+        self.inside: dict[int, tuple[int, threading.Thread]] = {}
+        self.cross_thread_reported = False
         self.request: object = None
         self.span: Span | None = None
         self.system = "other_sql"
@@ -233,6 +237,8 @@ class Guard(_stale.LookupObserver):
         self._connections: weakref.WeakKeyDictionary[
             Connection, weakref.ref[Session]
         ] = weakref.WeakKeyDictionary()
+        # Engines whose statements are bracketed to see two threads at once.
+        self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     # -- public API -------------------------------------------------------
 
@@ -400,7 +406,8 @@ class Guard(_stale.LookupObserver):
             return  # a second bind joining the same transaction
         state.transaction = weakref.ref(transaction)
         state.began_at = time.perf_counter()
-        state.thread = threading.get_ident()
+        state.inside.clear()
+        state.cross_thread_reported = False
         state.stale_reads = 0
         state.reported_writes.clear()
         state.system = db_system_name(connection.dialect.name)
@@ -422,6 +429,7 @@ class Guard(_stale.LookupObserver):
             state.namespace,
         )
         self._connections[connection] = weakref.ref(session)
+        self._watch_threads(connection.engine)
         self._check_request(session, state)
         if "begin" in self._config.expire:
             self._expire(session, "begin")
@@ -467,6 +475,7 @@ class Guard(_stale.LookupObserver):
 
     def _finish(self, session: Session, state: _SessionState, outcome: str) -> None:
         state.transaction = None
+        state.inside.clear()
         if state.finalizer is not None:
             state.finalizer.detach()
             state.finalizer = None
@@ -598,8 +607,6 @@ class Guard(_stale.LookupObserver):
         state = self._sessions.get(session) or self._state(session)
         state.statements += 1
         self._counters.add("statements")
-        if state.transaction is not None and state.thread != threading.get_ident():
-            self._cross_thread(session, state)
         if current_request() is not None:
             self._check_request(session, state)
         return self._detect
@@ -724,15 +731,81 @@ class Guard(_stale.LookupObserver):
             )
             _warn_at(message, finding.location)
 
-    def _cross_thread(self, session: Session, state: _SessionState) -> None:
-        first = state.thread
-        state.thread = threading.get_ident()
+    # -- two threads inside one session at once ---------------------------------
+
+    def _watch_threads(self, engine: Engine) -> None:
+        """Bracket each statement on *engine*'s connections (once per engine)."""
+        if engine in self._watched_engines:
+            return
+        self._watched_engines.add(engine)
+        self._listen(engine, "before_cursor_execute", self._enter_connection)
+        self._listen(engine, "after_cursor_execute", self._leave_connection)
+        self._listen(engine, "handle_error", self._statement_failed)
+
+    def _inside_state(self, connection: Connection | None) -> _SessionState | None:
+        session_ref = self._connections.get(connection) if connection else None
+        session = session_ref() if session_ref is not None else None
+        if session is None:
+            return None
+        state = self._sessions.get(session)
+        if state is None or state.transaction is None:
+            return None
+        return state
+
+    @_fail_open
+    def _enter_connection(self, connection: Connection, *args: Any) -> None:
+        # Only a statement overlapping another thread's is a finding: a
+        # session handed from thread to thread (TestClient's portal, a
+        # worker pool) is used by one thread at a time, which is fine.
+        state = self._inside_state(connection)
+        if state is None:
+            return
+        me = threading.get_ident()
+        inside = state.inside
+        depth, thread = inside.get(me, (0, None))
+        inside[me] = (depth + 1, thread or threading.current_thread())
+        if len(inside) > 1 and not state.cross_thread_reported:
+            state.cross_thread_reported = True
+            session_ref = self._connections.get(connection)
+            session = session_ref() if session_ref is not None else None
+            others = [t for ident, (_, t) in list(inside.items()) if ident != me]
+            if session is not None and others:
+                self._cross_thread(session, others[0])
+
+    @_fail_open
+    def _leave_connection(self, connection: Connection, *args: Any) -> None:
+        state = self._inside_state(connection)
+        if state is not None:
+            self._leave(state)
+
+    @_fail_open
+    def _statement_failed(self, context: Any) -> None:
+        state = self._inside_state(getattr(context, "connection", None))
+        if state is not None:
+            self._leave(state)
+
+    @staticmethod
+    def _leave(state: _SessionState) -> None:
+        me = threading.get_ident()
+        entry = state.inside.get(me)
+        if entry is None:
+            return
+        depth, thread = entry
+        if depth > 1:
+            state.inside[me] = (depth - 1, thread)
+        else:
+            state.inside.pop(me, None)
+
+    def _cross_thread(self, session: Session, first: threading.Thread) -> None:
+        other = threading.current_thread()
+        request = current_request()
         self._record(
             CrossThread(
                 session_id=session.hash_key,
                 location=_user_location(),
-                first_thread=str(first),
-                other_thread=f"{threading.current_thread().name} ({state.thread})",
+                request_id=request.request_id if request is not None else None,
+                first_thread=f"{first.name} ({first.ident})",
+                other_thread=f"{other.name} ({other.ident})",
             )
         )
 
