@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from sqlalchemy.engine import FrozenResult
     from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm.identity import IdentityMap
     from sqlalchemy.orm.state import InstanceState
 
 __all__ = ["Guard", "GuardStats", "install_from_env", "install_guard"]
@@ -105,7 +106,9 @@ class _SessionState:
         "began_at",
         "cross_thread_reported",
         "finalizer",
+        "identity_map",
         "inside",
+        "max_identity_map_size",
         "namespace",
         "reported_writes",
         "request",
@@ -126,6 +129,11 @@ class _SessionState:
         # how deep (a statement can run inside another one's event).
         self.inside: dict[int, tuple[int, threading.Thread]] = {}
         self.cross_thread_reported = False
+        # The map at begin (close() swaps in an empty one before the
+        # transaction ends) and the most objects seen at a statement: the
+        # size reported is the most the session held, in O(1).
+        self.identity_map: IdentityMap | None = None
+        self.max_identity_map_size = 0
         self.request: object = None
         self.span: Span | None = None
         self.system = "other_sql"
@@ -413,6 +421,8 @@ class Guard(_stale.LookupObserver):
         state.system = db_system_name(connection.dialect.name)
         state.namespace = connection.engine.url.database
         size = len(session.identity_map)
+        state.identity_map = session.identity_map
+        state.max_identity_map_size = size
         self._counters.add("transactions")
         self._counters.high_water("max_identity_map_size", size)
         span = self._telemetry.transaction_begun(session.hash_key, size)
@@ -481,7 +491,10 @@ class Guard(_stale.LookupObserver):
             state.finalizer = None
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
-        size = len(session.identity_map)
+        size = max(len(session.identity_map), state.max_identity_map_size)
+        held, state.identity_map = state.identity_map, None
+        if held is not None and held is not session.identity_map:
+            size = max(size, len(held))
         self._counters.add("commits" if outcome == "commit" else "rollbacks")
         self._counters.high_water("max_identity_map_size", size)
         span, state.span = state.span, None
@@ -607,6 +620,8 @@ class Guard(_stale.LookupObserver):
         state = self._sessions.get(session) or self._state(session)
         state.statements += 1
         self._counters.add("statements")
+        size = len(session.identity_map)
+        state.max_identity_map_size = max(state.max_identity_map_size, size)
         if current_request() is not None:
             self._check_request(session, state)
         return self._detect
