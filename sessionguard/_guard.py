@@ -227,6 +227,9 @@ class Guard(_stale.LookupObserver):
         # Called with every finding as it is made (the pytest plugin uses it
         # to attribute findings to the running test).
         self._finding_callbacks: list[Callable[[Finding], None]] = []
+        # Set by the pytest plugin while a test marked allow_stale=True runs:
+        # findings are made and reported, StaleReadError is not raised.
+        self._raise_excused = False
         self._sessions: weakref.WeakKeyDictionary[Session, _SessionState] = (
             weakref.WeakKeyDictionary()
         )
@@ -718,7 +721,12 @@ class Guard(_stale.LookupObserver):
             if state is not None and state.transaction is not None:
                 state.stale_reads += 1
             self._record(finding, state, system)
-        if findings and raise_stale and self._config.on_stale == "raise":
+        if (
+            findings
+            and raise_stale
+            and self._config.on_stale == "raise"
+            and not self._raise_excused
+        ):
             error = StaleReadError(findings[0])
             self._telemetry.stale_error(
                 state.span if state is not None else None, error
