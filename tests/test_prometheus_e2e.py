@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
