@@ -382,9 +382,10 @@ def _only_user_frames(
         if not kept:
             return traceback
         if item.config.getoption("tbstyle", "auto") == "auto":
-            # pytest's own rule: the first and last frame in full, the rest short
+            # The test in full; the app's frames down to the read one line
+            # each: the exception message already says what was read, where.
             kept = [
-                entry.with_repr_style(None if index in (0, len(kept) - 1) else "short")
+                entry.with_repr_style(None if index == 0 else "short")
                 for index, entry in enumerate(kept)
             ]
         return type(traceback)(kept)
