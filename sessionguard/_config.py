@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPIRE_POINTS",
+    "LOG_LEVELS",
     "ON_STALE_CHOICES",
     "ExpirePoint",
     "GuardConfig",
+    "LogLevel",
     "Mode",
     "OnStale",
     "parse_mode",
@@ -27,9 +29,12 @@ __all__ = [
 
 OnStale = Literal["log", "warn", "raise"]
 ExpirePoint = Literal["commit", "begin", "request"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 ON_STALE_CHOICES: tuple[OnStale, ...] = ("log", "warn", "raise")
 EXPIRE_POINTS: tuple[ExpirePoint, ...] = ("commit", "begin", "request")
+LOG_LEVELS: dict[LogLevel, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+"""The ``log_level`` values and their numbers (those of the stdlib's levels)."""
 
 DEFAULT_REDACT: tuple[str, ...] = ("password", "secret", "token", "key", "hash")
 
@@ -106,6 +111,10 @@ class GuardConfig:
     log_values: bool = False
     """Put attribute values into findings and logs (never for :attr:`redact` names)."""
 
+    log_level: LogLevel = "info"
+    """Least level emitted: ``"info"`` (findings and errors only), ``"debug"``
+    (also the per-transaction lines), ``"warning"`` or ``"error"``."""
+
     redact: tuple[str, ...] = DEFAULT_REDACT
     """Case-insensitive substrings: attributes whose name contains one stay masked."""
 
@@ -141,6 +150,9 @@ class GuardConfig:
             raise _fail("on_stale", self.on_stale, ", ".join(ON_STALE_CHOICES))
 
         object.__setattr__(self, "expire", _check_expire(self.expire))
+
+        if not isinstance(self.log_level, str) or self.log_level not in LOG_LEVELS:
+            raise _fail("log_level", self.log_level, ", ".join(LOG_LEVELS))
 
         redact = self.redact
         if not isinstance(redact, (tuple, list, Set)) or not all(
@@ -219,6 +231,15 @@ class GuardConfig:
                     f"SESSIONGUARD_LOG_VALUES={raw!r} is invalid; "
                     f"valid values: {', '.join(_TRUE + _FALSE)}"
                 )
+
+        raw = env.get("SESSIONGUARD_LOG_LEVEL", "").strip()
+        if raw:
+            if raw.lower() not in LOG_LEVELS:
+                raise ConfigError(
+                    f"SESSIONGUARD_LOG_LEVEL={raw!r} is invalid; "
+                    f"valid values: {', '.join(LOG_LEVELS)}"
+                )
+            values["log_level"] = raw.lower()
 
         values.update(overrides)
         return cls(**values)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import enum
+import uuid
 from typing import Any, ClassVar
 
 __all__ = [
@@ -13,6 +17,7 @@ __all__ = [
     "SharedSession",
     "StaleRead",
     "UnsynchronizedWrite",
+    "render_key",
 ]
 
 REDACTED = "<redacted>"
@@ -26,11 +31,41 @@ _FIX = (
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
+    """*value* as JSON has it: UUIDs and decimals as strings, dates in ISO format."""
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    return repr(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    return str(value)
+
+
+def render_key(identity: Any) -> str:
+    """
+    A primary key as humans read it everywhere: ``6f1c...`` or ``(1, 2)``.
+
+    ``str()`` of each part's JSON form, so the exception, the summary and a
+    JSON report read back print a key the same way.
+    """
+    parts = list(identity) if isinstance(identity, (tuple, list)) else [identity]
+    texts = [str(_plain(part)) for part in parts]
+    return texts[0] if len(texts) == 1 else "(" + ", ".join(texts) + ")"
+
+
+def describe_attributes(names: list[str], deleted: bool = False) -> str:
+    """``attribute `name` differs from the database row``, plural for several."""
+    if deleted:
+        return "its row no longer exists"
+    if len(names) == 1:
+        return f"attribute {names[0]} differs from the database row"
+    return f"attributes {', '.join(names)} differ from the database row"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +84,7 @@ class Finding:
     """The :func:`~sessionguard.request_context` active at the time, if any."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with ``kind`` and every field."""
+        """A dict of ``kind`` and every field, JSON-native (UUIDs, dates as strings)."""
         data: dict[str, Any] = {"kind": self.kind}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -86,7 +121,7 @@ class StaleRead(Finding):
     """The mapped class name."""
 
     identity: tuple[Any, ...]
-    """The primary key tuple."""
+    """The primary key tuple (``to_dict()`` makes each part JSON-native)."""
 
     deleted: bool = False
     """The row no longer exists for the session's transaction."""
@@ -94,27 +129,30 @@ class StaleRead(Finding):
     attributes: tuple[AttributeDiff, ...] = ()
     """Loaded, unmodified attributes whose cached value differs from the row."""
 
+    @property
+    def subject(self) -> str:
+        """The object as humans read it: the entity, then its key (``User 6f1c...``)."""
+        return f"{self.entity} {render_key(self.identity)}"
+
     def describe(self) -> str:
         """One paragraph for an exception message or a test failure."""
         where = f" at {self.location}" if self.location else ""
-        if self.deleted:
-            what = "its row no longer exists"
-        else:
-            what = "attributes " + ", ".join(
-                _describe_diff(diff) for diff in self.attributes
-            )
-            what += " differ from the database row"
+        what = describe_attributes(
+            [_describe_diff(diff) for diff in self.attributes], self.deleted
+        )
         return (
-            f"stale read of {self.entity} identity={self.identity!r}{where}: "
-            f"the object came from the session's identity map, but {what}. "
-            f"Fix: {_FIX}."
+            f"stale read of {self.subject}{where}: the object came from the "
+            f"session's identity map, but {what}. Fix: {_FIX}."
         )
 
 
 def _describe_diff(diff: AttributeDiff) -> str:
     if diff.cached == REDACTED and diff.current == REDACTED:
-        return diff.name
-    return f"{diff.name} (cached {diff.cached!r}, database {diff.current!r})"
+        return f"`{diff.name}`"
+    return (
+        f"`{diff.name}` (cached {_plain(diff.cached)!r}, "
+        f"database {_plain(diff.current)!r})"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

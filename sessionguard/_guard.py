@@ -31,16 +31,18 @@ from ._findings import (
     StaleRead,
     UnsynchronizedWrite,
 )
+from ._location import user_location as _user_location
 from ._targets import Target, resolve_target
 from ._telemetry import Telemetry, db_system_name
 from .exceptions import SessionGuardError, SessionGuardWarning, StaleReadError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-    from types import FrameType, TracebackType
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
 
     from opentelemetry.trace import Span
     from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm.identity import IdentityMap
     from sqlalchemy.orm.state import InstanceState
 
 __all__ = ["Guard", "GuardStats", "install_from_env", "install_guard"]
@@ -101,7 +103,11 @@ class _SessionState:
 
     __slots__ = (
         "began_at",
+        "cross_thread_reported",
         "finalizer",
+        "identity_map",
+        "inside",
+        "max_identity_map_size",
         "namespace",
         "reported_writes",
         "request",
@@ -110,7 +116,6 @@ class _SessionState:
         "statements",
         "statements_at_begin",
         "system",
-        "thread",
         "transaction",
     )
 
@@ -119,7 +124,15 @@ class _SessionState:
         self.began_at = 0.0
         self.statements = 0
         self.statements_at_begin = 0
-        self.thread = 0
+        # Threads executing on the session's connection right now, with
+        # how deep (a statement can run inside another one's event).
+        self.inside: dict[int, tuple[int, threading.Thread]] = {}
+        self.cross_thread_reported = False
+        # The map at begin (close() swaps in an empty one before the
+        # transaction ends) and the most objects seen at a statement: the
+        # size reported is the most the session held, in O(1).
+        self.identity_map: IdentityMap | None = None
+        self.max_identity_map_size = 0
         self.request: object = None
         self.span: Span | None = None
         self.system = "other_sql"
@@ -138,12 +151,6 @@ _installed_lock = threading.RLock()
 # Every installed guard, also those whose target was collected before they
 # were uninstalled (the test suite's clean-up walks it).
 _live: set[Guard] = set()
-
-_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(event.__file__)) + os.sep
-# sessionguard's private modules; the public ones (cli, testing, ...) can be
-# where a read happens.
-_OWN_PRIVATE = os.path.join(os.path.dirname(__file__), "_")
-_SKIPPED = (_SQLALCHEMY_DIR, _OWN_PRIVATE)
 
 
 _Method = TypeVar("_Method", bound="Callable[..., Any]")
@@ -193,35 +200,6 @@ def _warn_at(message: str, location: str | None) -> None:
     warnings.warn_explicit(message, SessionGuardWarning, path, int(line), module=module)
 
 
-def _caller_frames() -> Iterator[FrameType]:
-    """The caller's frames, then those of each parent greenlet in turn."""
-    frame: FrameType | None = sys._getframe(2)
-    # Under asyncio the ORM runs in a greenlet whose own stack ends inside
-    # SQLAlchemy; the user's coroutine is on the parent greenlet's stack.
-    greenlet_module = sys.modules.get("greenlet")
-    current = greenlet_module.getcurrent() if greenlet_module is not None else None
-    while True:
-        while frame is not None:
-            yield frame
-            frame = frame.f_back
-        current = current.parent if current is not None else None
-        if current is None:
-            return
-        frame = current.gr_frame
-
-
-def _user_location() -> str | None:
-    """``file:line`` of the first frame outside SQLAlchemy and sessionguard."""
-    fallback = None
-    for frame in _caller_frames():
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIPPED):
-            if "greenlet" not in filename and not filename.startswith("<frozen"):
-                return f"{filename}:{frame.f_lineno}"
-            fallback = fallback or f"{filename}:{frame.f_lineno}"
-    return fallback
-
-
 class Guard(_stale.ReadObserver):
     """
     The handle of an installed guard.
@@ -242,6 +220,9 @@ class Guard(_stale.ReadObserver):
         # Called with every finding as it is made (the pytest plugin uses it
         # to attribute findings to the running test).
         self._finding_callbacks: list[Callable[[Finding], None]] = []
+        # Set by the pytest plugin while a test marked allow_stale=True runs:
+        # findings are made and reported, StaleReadError is not raised.
+        self._raise_excused = False
         self._sessions: weakref.WeakKeyDictionary[Session, _SessionState] = (
             weakref.WeakKeyDictionary()
         )
@@ -253,6 +234,7 @@ class Guard(_stale.ReadObserver):
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
         self._logged_errors: set[tuple[str, str]] = set()
+        # Engines with the guard's Core listeners (writes, threads).
         self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         # Who installed the guard on everyone's behalf (the pytest plugin):
         # install_guard() then refuses to hand it out to be uninstalled.
@@ -406,26 +388,30 @@ class Guard(_stale.ReadObserver):
             self._lookup_hooked = True
             _stale.acquire_hooks(self)
         self._installed = True
-        if self._detect and target.engine is not None:
+        if target.engine is not None:
             self._watch_engine(target.engine)
 
     def _watch_engine(self, engine: Engine) -> None:
         """
-        Listen for writes that bypass the session on *engine*.
+        Listen on *engine* for writes that bypass the session and for two
+        threads inside one session's connection at once.
 
         Per engine, as sessions first use it, rather than on the Engine class:
         a class-level listener makes every connection of every engine in the
         process take SQLAlchemy's event path. A Connection checks its engine's
         listeners at each execution, so one already open sees them too.
         """
-        if engine in self._watched_engines:
-            return
+        if engine in self._watched_engines or not isinstance(engine, Engine):
+            return  # (a test double standing in for an engine has no events)
         with _installed_lock:
             if engine in self._watched_engines or not self._installed:
                 return
             self._watched_engines.add(engine)
-            self._listen(engine, "before_execute", self._before_core_execute)
+            if self._detect:
+                self._listen(engine, "before_execute", self._before_core_execute)
             self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
+            self._listen(engine, "after_cursor_execute", self._leave_connection)
+            self._listen(engine, "handle_error", self._statement_failed)
 
     def _listen(
         self, target: Any, identifier: str, function: Callable[..., Any]
@@ -460,12 +446,15 @@ class Guard(_stale.ReadObserver):
             return  # a second bind joining the same transaction
         state.transaction = weakref.ref(transaction)
         state.began_at = time.perf_counter()
-        state.thread = threading.get_ident()
+        state.inside.clear()
+        state.cross_thread_reported = False
         state.stale_reads = 0
         state.reported_writes.clear()
         state.system = db_system_name(connection.dialect)
         state.namespace = connection.engine.url.database
         size = len(session.identity_map)
+        state.identity_map = session.identity_map
+        state.max_identity_map_size = size
         self._counters.add("transactions")
         self._counters.high_water("max_identity_map_size", size)
         span = self._telemetry.transaction_begun(session.hash_key, size)
@@ -482,8 +471,7 @@ class Guard(_stale.ReadObserver):
             state.namespace,
         )
         self._connections[connection] = weakref.ref(session)
-        if self._detect:
-            self._watch_engine(connection.engine)
+        self._watch_engine(connection.engine)
         self._check_request(session, state)
         if "begin" in self._config.expire:
             self._expire(session, "begin")
@@ -529,12 +517,16 @@ class Guard(_stale.ReadObserver):
 
     def _finish(self, session: Session, state: _SessionState, outcome: str) -> None:
         state.transaction = None
+        state.inside.clear()
         if state.finalizer is not None:
             state.finalizer.detach()
             state.finalizer = None
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
-        size = len(session.identity_map)
+        size = max(len(session.identity_map), state.max_identity_map_size)
+        held, state.identity_map = state.identity_map, None
+        if held is not None and held is not session.identity_map:
+            size = max(size, len(held))
         self._counters.add("commits" if outcome == "commit" else "rollbacks")
         self._counters.high_water("max_identity_map_size", size)
         span, state.span = state.span, None
@@ -656,8 +648,8 @@ class Guard(_stale.ReadObserver):
         state = self._sessions.get(session) or self._state(session)
         state.statements += 1
         self._counters.add("statements")
-        if state.transaction is not None and state.thread != threading.get_ident():
-            self._cross_thread(session, state)
+        size = len(session.identity_map)
+        state.max_identity_map_size = max(state.max_identity_map_size, size)
         if current_request() is not None:
             self._check_request(session, state)
         return self._detect
@@ -733,7 +725,12 @@ class Guard(_stale.ReadObserver):
             if state is not None and state.transaction is not None:
                 state.stale_reads += 1
             self._record(finding, state, system)
-        if findings and raise_stale and self._config.on_stale == "raise":
+        if (
+            findings
+            and raise_stale
+            and self._config.on_stale == "raise"
+            and not self._raise_excused
+        ):
             error = StaleReadError(findings[0])
             self._telemetry.stale_error(
                 state.span if state is not None else None, error
@@ -761,15 +758,68 @@ class Guard(_stale.ReadObserver):
             )
             _warn_at(message, finding.location)
 
-    def _cross_thread(self, session: Session, state: _SessionState) -> None:
-        first = state.thread
-        state.thread = threading.get_ident()
+    # -- two threads inside one session at once ---------------------------------
+
+    def _inside_state(self, connection: Connection | None) -> _SessionState | None:
+        session_ref = self._connections.get(connection) if connection else None
+        session = session_ref() if session_ref is not None else None
+        if session is None:
+            return None
+        state = self._sessions.get(session)
+        if state is None or state.transaction is None:
+            return None
+        return state
+
+    def _enter_connection(self, connection: Connection, state: _SessionState) -> None:
+        # Only a statement overlapping another thread's is a finding: a
+        # session handed from thread to thread (TestClient's portal, a
+        # worker pool) is used by one thread at a time, which is fine.
+        me = threading.get_ident()
+        inside = state.inside
+        depth, thread = inside.get(me, (0, None))
+        inside[me] = (depth + 1, thread or threading.current_thread())
+        if len(inside) > 1 and not state.cross_thread_reported:
+            state.cross_thread_reported = True
+            session_ref = self._connections.get(connection)
+            session = session_ref() if session_ref is not None else None
+            others = [t for ident, (_, t) in list(inside.items()) if ident != me]
+            if session is not None and others:
+                self._cross_thread(session, others[0])
+
+    @_fail_open
+    def _leave_connection(self, connection: Connection, *args: Any) -> None:
+        state = self._inside_state(connection)
+        if state is not None:
+            self._leave(state)
+
+    @_fail_open
+    def _statement_failed(self, context: Any) -> None:
+        state = self._inside_state(getattr(context, "connection", None))
+        if state is not None:
+            self._leave(state)
+
+    @staticmethod
+    def _leave(state: _SessionState) -> None:
+        me = threading.get_ident()
+        entry = state.inside.get(me)
+        if entry is None:
+            return
+        depth, thread = entry
+        if depth > 1:
+            state.inside[me] = (depth - 1, thread)
+        else:
+            state.inside.pop(me, None)
+
+    def _cross_thread(self, session: Session, first: threading.Thread) -> None:
+        other = threading.current_thread()
+        request = current_request()
         self._record(
             CrossThread(
                 session_id=session.hash_key,
                 location=_user_location(),
-                first_thread=str(first),
-                other_thread=f"{threading.current_thread().name} ({state.thread})",
+                request_id=request.request_id if request is not None else None,
+                first_thread=f"{first.name} ({first.ident})",
+                other_thread=f"{other.name} ({other.ident})",
             )
         )
 
@@ -836,8 +886,12 @@ class Guard(_stale.ReadObserver):
         context: Any,
         executemany: bool,
     ) -> None:
-        # Only what before_execute never saw: exec_driver_sql() strings.
-        if context is None or context.compiled is not None:
+        state = self._inside_state(connection)
+        if state is None:
+            return  # not a tracked session transaction's connection
+        self._enter_connection(connection, state)
+        # Writes: only what before_execute never saw, exec_driver_sql() strings.
+        if not self._detect or context is None or context.compiled is not None:
             return
         names = _writes.text_dml_tables(statement)
         if names:

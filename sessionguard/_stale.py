@@ -107,7 +107,9 @@ def _frames_for(context: Any) -> Iterator[Frame]:
             yield from _session_frames.get(id(session), ())
 
 
-def _on_load(state: InstanceState[Any], context: Any) -> None:
+# SQLAlchemy's own tests fire these events by hand with fewer arguments
+# (``dispatch.load(5)``): every parameter past the first has a default.
+def _on_load(state: InstanceState[Any], context: Any = None, *_: Any) -> None:
     try:
         for frame in _frames_for(context):
             frame.loaded.add(state)
@@ -116,7 +118,10 @@ def _on_load(state: InstanceState[Any], context: Any) -> None:
 
 
 def _on_refresh(
-    state: InstanceState[Any], context: Any, attrs: Iterable[str] | None
+    state: InstanceState[Any],
+    context: Any = None,
+    attrs: Iterable[str] | None = None,
+    *_: Any,
 ) -> None:
     # context is None for the refresh that ORM update()/delete() fires
     # when it synchronises the session: that is not a read.

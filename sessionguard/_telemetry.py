@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import structlog
+import structlog._config
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ._config import LOG_LEVELS
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -71,11 +73,15 @@ class Telemetry:
     """The sinks of one guard: its structlog logger, tracer and instruments."""
 
     def __init__(self, config: GuardConfig) -> None:
-        self.log: Any = (
-            config.logger
-            if config.logger is not None
-            else structlog.get_logger("sessionguard")
-        )
+        # Events below the level are not built at all: the per-transaction
+        # lines are on the hot path, and a library is quiet unless asked.
+        level = LOG_LEVELS[config.log_level]
+        self.debug_on = level <= LOG_LEVELS["debug"]
+        self.warning_on = level <= LOG_LEVELS["warning"]
+        self.error_on = level <= LOG_LEVELS["error"]
+        self._given_logger: Any = config.logger
+        self._bound: Any = None
+        self._bound_for: tuple[object, object] | None = None
         self._log_values = config.log_values
         # Looked up now (install time): an application that configures its SDK
         # first and installs the guard second gets its providers.
@@ -132,12 +138,39 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
+    @property
+    def log(self) -> Any:
+        """
+        The logger, resolved once.
+
+        structlog's default logger is a lazy proxy that binds a new logger at
+        every call; bind it once instead, on first use (as structlog's own
+        ``cache_logger_on_first_use`` does), and again only when structlog is
+        reconfigured (``structlog.configure()``, ``capture_logs()``).
+        """
+        if self._given_logger is not None:
+            return self._given_logger
+        current = structlog._config._CONFIG
+        processors, factory = current.default_processors, current.logger_factory
+        bound_for = self._bound_for
+        if (
+            bound_for is None
+            or bound_for[0] is not processors
+            or bound_for[1] is not factory
+        ):
+            self._bound = structlog.get_logger("sessionguard").bind()
+            self._bound_for = (processors, factory)
+        return self._bound
+
     # -- transactions ---------------------------------------------------------
 
     def transaction_begun(self, session_id: int, identity_map_size: int) -> Span:
-        self.log.debug(
-            "session.begin", session_id=session_id, identity_map_size=identity_map_size
-        )
+        if self.debug_on:
+            self.log.debug(
+                "session.begin",
+                session_id=session_id,
+                identity_map_size=identity_map_size,
+            )
         return self.tracer.start_span(SPAN_NAME, kind=SpanKind.INTERNAL)
 
     def transaction_ended(
@@ -153,13 +186,14 @@ class Telemetry:
         namespace: str | None,
         stale_reads: int,
     ) -> None:
-        self.log.debug(
-            f"session.{outcome}",
-            session_id=session_id,
-            identity_map_size=identity_map_size,
-            statements=statements,
-            duration_ms=round(duration_s * 1000.0, 3),
-        )
+        if self.debug_on:
+            self.log.debug(
+                f"session.{outcome}",
+                session_id=session_id,
+                identity_map_size=identity_map_size,
+                statements=statements,
+                duration_ms=round(duration_s * 1000.0, 3),
+            )
         attributes = {"sessionguard.outcome": outcome, "db.system.name": system}
         self.transactions.add(1, attributes)
         self.transaction_duration.record(duration_s, attributes)
@@ -183,13 +217,14 @@ class Telemetry:
     def expired(
         self, session_id: int, reason: str, objects: int, kept_modified: int
     ) -> None:
-        self.log.debug(
-            "expire_all",
-            session_id=session_id,
-            reason=reason,
-            objects=objects,
-            kept_modified=kept_modified,
-        )
+        if self.debug_on:
+            self.log.debug(
+                "expire_all",
+                session_id=session_id,
+                reason=reason,
+                objects=objects,
+                kept_modified=kept_modified,
+            )
         self.expire_all.add(1, {"sessionguard.reason": reason})
 
     # -- detection --------------------------------------------------------------
@@ -209,9 +244,10 @@ class Telemetry:
             self.verification_duration.record(duration_s, {"db.system.name": system})
 
     def finding(self, finding: Finding, span: Span | None, system: str | None) -> None:
-        fields = finding.to_dict()
-        event = fields.pop("kind")
-        self.log.warning(event, **fields)
+        if self.warning_on:
+            fields = finding.to_dict()
+            event = fields.pop("kind")
+            self.log.warning(event, **fields)
         self.findings.add(1, {"sessionguard.kind": finding.kind})
         if finding.kind != "stale_read":
             return
@@ -246,17 +282,19 @@ class Telemetry:
     def verification_error(
         self, session_id: int, entity: str, error: BaseException
     ) -> None:
-        self.log.error(
-            "verification_error",
-            session_id=session_id,
-            entity=entity,
-            error=f"{type(error).__name__}: {error}",
-        )
+        if self.error_on:
+            self.log.error(
+                "verification_error",
+                session_id=session_id,
+                entity=entity,
+                error=f"{type(error).__name__}: {error}",
+            )
 
     def internal_error(self, where: str, error: BaseException) -> None:
-        self.log.error(
-            "internal_error",
-            where=where,
-            error=f"{type(error).__name__}: {error}",
-            exc_info=error,
-        )
+        if self.error_on:
+            self.log.error(
+                "internal_error",
+                where=where,
+                error=f"{type(error).__name__}: {error}",
+                exc_info=error,
+            )

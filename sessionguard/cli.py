@@ -10,6 +10,7 @@ configuration affects read-after-write visibility, and diffs several.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,10 +24,11 @@ from . import GuardConfig, StaleRead, install_guard, request_context
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from sqlalchemy.engine import Engine
 
+    from ._config import LogLevel
     from ._guard import Guard
 
 __all__ = ["main"]
@@ -46,8 +48,24 @@ class Account(_DemoBase):
     balance: Mapped[int]
 
 
+def _use_colour(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """
+    Colour or not, by the conventions users already set.
+
+    ``NO_COLOR`` present and non-empty turns it off (no-color.org), else
+    ``FORCE_COLOR`` present and non-empty turns it on, else a terminal gets it.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
 def _configure_logging(stream: TextIO) -> None:
-    colors = stream.isatty()
+    colors = _use_colour(stream)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -78,6 +96,15 @@ def _rename_elsewhere(writer: Engine, owner: str) -> None:
         other.commit()
 
 
+_READ_IN_REQUEST_2 = "request 2's select(Account).where(Account.id == 1)"
+_SHARED_SESSION_HELP = (
+    "   (shared_session: one Session served request-1 and then request-2. Its "
+    "identity map carried request 1's Account object into request 2, which is "
+    "how request 2 can be handed a row as it was before another session "
+    "changed it.)\n"
+)
+
+
 def _play(
     out: TextIO, engine: Engine, writer: Engine, guard: Guard, renamed_to: str
 ) -> str:
@@ -92,6 +119,8 @@ def _play(
     out.write(f"another session renames the owner to {renamed_to!r} and commits\n")
     with request_context("request-2"):
         seen = shared.scalars(select(Account).where(Account.id == 1)).one().owner
+        if any(f.kind == "shared_session" for f in guard.findings):
+            out.write(_SHARED_SESSION_HELP)
         out.write(f"request 2 reads owner={seen!r}\n")
         shared.commit()
     shared.close()
@@ -99,8 +128,10 @@ def _play(
     return seen
 
 
-def _demo(out: TextIO, database_url: str | None) -> int:
+def _demo(out: TextIO, database_url: str | None, verbose: bool = False) -> int:
     _configure_logging(out)
+    # The per-transaction lines (session.begin/commit) only when asked.
+    log_level: LogLevel = "debug" if verbose else "info"
     with tempfile.TemporaryDirectory(prefix="sessionguard-demo-") as directory:
         url = database_url or f"sqlite:///{Path(directory) / 'demo.sqlite'}"
         engine = create_engine(url)
@@ -110,23 +141,28 @@ def _demo(out: TextIO, database_url: str | None) -> int:
             out.write(f"sessionguard {__version__} demo on {engine.url!r}\n")
 
             _heading(out, "1. The classic bug, caught: a session outlives its request")
-            guard = install_guard(engine, config=GuardConfig(log_values=True))
+            guard = install_guard(
+                engine, config=GuardConfig(log_values=True, log_level=log_level)
+            )
             seen = _play(out, engine, writer, guard, "bob")
             stale = [f for f in guard.findings if isinstance(f, StaleRead)]
             if seen == "alice" and stale:
                 finding = stale[0]
                 diff = finding.attributes[0]
+                where = Path(finding.location or "?").name
                 out.write(
-                    f"-> STALE: {finding.entity} {finding.identity} attribute "
-                    f"{diff.name!r} was {diff.cached!r} in the identity map, "
-                    f"{diff.current!r} in the database, read at {finding.location}\n"
+                    f"-> STALE: {finding.subject}: attribute `{diff.name}` was "
+                    f"{diff.cached!r} in the identity map, {diff.current!r} in the "
+                    f"database; read by {_READ_IN_REQUEST_2} ({where})\n"
                 )
             first_stats = guard.stats()
             guard.uninstall()
 
             _heading(out, "2. The same flow with expire={'request'}: fresh data")
             _reset(engine)
-            guard = install_guard(engine, log_values=True, expire={"request"})
+            guard = install_guard(
+                engine, log_values=True, expire={"request"}, log_level=log_level
+            )
             seen_fresh = _play(out, engine, writer, guard, "carol")
             out.write(
                 f"-> request 2 read {seen_fresh!r}; stale reads: "
@@ -140,7 +176,7 @@ def _demo(out: TextIO, database_url: str | None) -> int:
                 "3. expire={'commit'} for a session with expire_on_commit=False",
             )
             _reset(engine)
-            guard = install_guard(engine, expire={"commit"})
+            guard = install_guard(engine, expire={"commit"}, log_level=log_level)
             with Session(engine, expire_on_commit=False) as session:
                 account = session.get(Account, 1)
                 assert account is not None
@@ -197,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a SQLAlchemy URL to use instead of a temporary SQLite file "
         "(the demo creates and drops its own table)",
     )
+    demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the per-transaction lines (session.begin, session.commit, "
+        "expire_all): the guard's log_level='debug'",
+    )
     doctor = commands.add_parser(
         "doctor",
         help="explain what in each database's configuration affects what a "
@@ -227,7 +269,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None, err: Any = None) ->
     arguments = _parser().parse_args(argv)
     stream: TextIO = out if out is not None else sys.stdout
     if arguments.command == "demo":
-        return _demo(stream, arguments.database_url)
+        return _demo(stream, arguments.database_url, arguments.verbose)
     if arguments.command == "doctor":
         from ._doctor import doctor
 

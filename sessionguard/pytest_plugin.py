@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ._config import GuardConfig, Mode, parse_mode
-from ._findings import Finding, StaleRead
+from ._findings import Finding, StaleRead, describe_attributes, render_key
 from ._guard import Guard, GuardStats, _installed, install_guard
+from ._location import is_user_file
 from ._targets import resolve_target
-from .exceptions import SessionGuardError
+from .exceptions import SessionGuardError, StaleReadError
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator, Sequence
@@ -217,8 +218,13 @@ def _guard_config(mode: Mode) -> GuardConfig:
     environ = dict(os.environ)
     # The mode may come from the option or ini: it decides on_stale's default.
     environ[_ENV] = mode.value
+    overrides: dict[str, Any] = {}
+    if not environ.get("SESSIONGUARD_LOG_LEVEL", "").strip():
+        # pytest reports every finding (failure, section, summary): the
+        # guard's own log lines would only repeat them in captured output.
+        overrides["log_level"] = "error"
     try:
-        return GuardConfig.from_env(environ)
+        return GuardConfig.from_env(environ, **overrides)
     except SessionGuardError as error:
         raise pytest.UsageError(f"sessionguard: {error}") from None
 
@@ -271,6 +277,11 @@ def _enter(item: pytest.Item, phase: str) -> None:
     state = _state(item.config)
     if state is not None:
         state.running = _Running(item, phase)
+        if state.guard is not None:
+            # An excused test runs as if the guard only reported. A flag on
+            # the guard, not a context variable: the read may happen in an
+            # app's thread (TestClient's portal, a worker pool).
+            state.guard._raise_excused = _allow_stale(item)
 
 
 def _check_marker(marker: pytest.Mark) -> None:
@@ -311,6 +322,8 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         state = _state(item.config)
         if state is not None:
             state.running = None  # later findings belong to no test
+            if state.guard is not None:
+                state.guard._raise_excused = False
 
 
 @pytest.hookimpl(wrapper=True)
@@ -318,10 +331,16 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
+    raised = _stale_read_error(call)
+    if raised is not None and report.failed:
+        _only_user_frames(item, call, report)
     state = _state(item.config)
     if state is None:
         return report
     findings = state.findings_of(item.nodeid, call.when)
+    if raised is not None:
+        # The failure already says it: list only what the exception does not.
+        findings = [f for f in findings if f != raised.finding]
     if findings:
         _report_findings(state, item, report, findings)
     if report.failed and call.excinfo is not None:
@@ -331,6 +350,56 @@ def pytest_runtest_makereport(
     return report
 
 
+def _stale_read_error(call: pytest.CallInfo[None]) -> StaleReadError | None:
+    excinfo = call.excinfo
+    if excinfo is not None and isinstance(excinfo.value, StaleReadError):
+        return excinfo.value
+    return None
+
+
+def _only_user_frames(
+    item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport
+) -> None:
+    """
+    Show only the user's own frames in a StaleReadError's traceback.
+
+    The reader needs the test's line and the app's line that read. The frames
+    of sessionguard (hidden as ``__tracebackhide__`` would), SQLAlchemy and
+    the web framework between them are noise: pytest's long format prints
+    whole functions. ``--full-trace`` still shows everything.
+    """
+    original = getattr(item, "_traceback_filter", None)
+    if (
+        call.excinfo is None
+        or original is None
+        or item.config.getoption("fulltrace", False)
+    ):
+        return
+
+    def user_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> Any:
+        traceback = original(excinfo)
+        kept = [entry for entry in traceback if is_user_file(str(entry.path))]
+        if not kept:
+            return traceback
+        if item.config.getoption("tbstyle", "auto") == "auto":
+            # The test in full; the app's frames down to the read one line
+            # each: the exception message already says what was read, where.
+            kept = [
+                entry.with_repr_style(None if index == 0 else "short")
+                for index, entry in enumerate(kept)
+            ]
+        return type(traceback)(kept)
+
+    try:
+        # An instance attribute shadows the method for this one rendering.
+        item.__dict__["_traceback_filter"] = user_frames
+        report.longrepr = item.repr_failure(call.excinfo)
+    except Exception:  # noqa: BLE001 - keep pytest's own rendering
+        return
+    finally:
+        item.__dict__.pop("_traceback_filter", None)
+
+
 def _report_findings(
     state: _State, item: pytest.Item, report: pytest.TestReport, findings: list[Finding]
 ) -> None:
@@ -338,7 +407,7 @@ def _report_findings(
     excused = _allow_stale(item)
     described = "\n\n".join(_describe(finding) for finding in findings)
     if state.strict and stale and not excused and report.passed:
-        what = "; ".join(f"{f.entity} identity={f.identity!r}" for f in stale)
+        what = "; ".join(f.subject for f in stale)
         report.outcome = "failed"
         report.longrepr = (
             f"sessionguard strict: stale read during {report.when}: {what}. "
@@ -562,16 +631,13 @@ def _summary_line(record: dict[str, Any]) -> str:
     where = f" at {record['location']}" if record.get("location") else ""
     excused = " (excused)" if record.get("excused") else ""
     if kind == "stale_read":
-        what = (
-            "deleted row"
-            if record.get("deleted")
-            else "attributes "
-            + ", ".join(diff["name"] for diff in record.get("attributes", []))
+        what = describe_attributes(
+            [f"`{diff['name']}`" for diff in record.get("attributes", [])],
+            bool(record.get("deleted")),
         )
-        identity = tuple(record["identity"])
         return (
             f"[{record['phase']}] stale_read {record['entity']} "
-            f"identity={identity!r}: {what}{where}{excused}"
+            f"{render_key(record['identity'])}: {what}{where}{excused}"
         )
     return f"[{record['phase']}] {kind}{where}"
 

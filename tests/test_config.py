@@ -18,6 +18,7 @@ def test_defaults_match_the_design():
     assert config.on_stale == "log"
     assert config.expire == frozenset()
     assert config.log_values is False
+    assert config.log_level == "info"
     assert config.max_findings == 1000
     assert config.tracer_provider is None
     assert config.meter_provider is None
@@ -49,6 +50,9 @@ def test_config_is_frozen_and_keyword_only():
         ("expire", "commit", "a set of commit, begin, request"),
         ("expire", None, "a set of commit, begin, request"),
         ("log_values", "yes", "True, False"),
+        ("log_level", "verbose", "debug, info, warning, error"),
+        ("log_level", 10, "debug, info, warning, error"),
+        ("log_level", "DEBUG", "debug, info, warning, error"),
         ("detect_stale_reads", 1, "True, False"),
         ("max_findings", -1, "an integer >= 0"),
         ("max_findings", 2.5, "an integer >= 0"),
@@ -94,8 +98,10 @@ def test_from_env_reads_every_variable():
             "SESSIONGUARD_ON_STALE": "WARN",
             "SESSIONGUARD_EXPIRE": "commit, begin",
             "SESSIONGUARD_LOG_VALUES": "true",
+            "SESSIONGUARD_LOG_LEVEL": "Debug",
         }
     )
+    assert config.log_level == "debug"
     assert config.sample_rate == 0.25
     assert config.on_stale == "warn"
     assert config.expire == {"commit", "begin"}
@@ -144,6 +150,7 @@ def test_strict_mode_implies_raise_unless_on_stale_is_set():
         ),
         ("SESSIONGUARD_EXPIRE", ",", "commit, begin, request, or all, or off"),
         ("SESSIONGUARD_LOG_VALUES", "sometimes", "1, true, yes, on, 0, false, no, off"),
+        ("SESSIONGUARD_LOG_LEVEL", "loud", "debug, info, warning, error"),
     ],
 )
 def test_bad_environment_values_name_variable_value_and_choices(variable, value, valid):

@@ -1078,7 +1078,8 @@ def test_on_stale_raise_names_entity_identity_attribute_location_and_fix(db, see
             session.get(User, 1)
     message = str(info.value)
     assert "User" in message
-    assert "identity=(1,)" in message
+    assert "stale read of User 1 at" in message
+    assert "attribute `name` differs from the database row" in message
     assert "name" in message
     assert f"{__file__}:" in message
     assert "expire_all()" in message

@@ -21,7 +21,7 @@ def test_transaction_events_have_the_contract_fields(db, seed):
     """session.begin/commit/rollback are debug events with size, statements, duration."""
     seed(db)
     engine = db.engine()
-    install_guard(engine)
+    install_guard(engine, log_level="debug")
     with capture_logs() as logs, Session(engine) as session:
         users = session.scalars(select(User)).all()  # held: the map is weak
         addresses = session.scalars(select(Address)).all()
@@ -50,7 +50,7 @@ def test_closing_mid_transaction_ends_it_as_rollback(sqlite_db, seed):
     """A session closed inside a transaction logs session.rollback and counts it."""
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    guard = install_guard(engine)
+    guard = install_guard(engine, log_level="debug")
     with capture_logs() as logs:
         session = Session(engine)
         session.get(User, 1)
@@ -64,7 +64,7 @@ def test_savepoints_are_not_transactions(sqlite_db, seed):
     """begin_nested() inside a transaction is not logged as a transaction of its own."""
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    guard = install_guard(engine)
+    guard = install_guard(engine, log_level="debug")
     with capture_logs() as logs, Session(engine) as session:
         session.get(User, 1)
         with session.begin_nested():
@@ -82,7 +82,7 @@ def test_max_identity_map_size_is_a_high_water_mark(sqlite_db, seed):
     """stats().max_identity_map_size is the largest map seen at a boundary."""
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    guard = install_guard(engine)
+    guard = install_guard(engine, log_level="debug")
     with Session(engine) as session:
         users = session.scalars(select(User)).all()  # held: the map is weak
         addresses = session.scalars(select(Address)).all()
@@ -101,7 +101,7 @@ def test_expire_on_commit_enforced_for_expire_on_commit_false(db, seed):
     assert "name" in user.__dict__  # without the guard: still loaded after commit
     session.close()
 
-    guard = install_guard(engine, expire={"commit"})
+    guard = install_guard(engine, expire={"commit"}, log_level="debug")
     session = Session(engine, expire_on_commit=False)
     user = session.get(User, 1)
     with capture_logs() as logs:
@@ -123,7 +123,7 @@ def test_expire_at_begin_reads_fresh_data(db, seed):
     """expire={'begin'} makes the next transaction reload what the last one cached."""
     seed(db)
     engine = db.engine()
-    install_guard(engine, expire={"begin"})
+    install_guard(engine, expire={"begin"}, log_level="debug")
     session = Session(engine, expire_on_commit=False)
     user = session.get(User, 1)
     session.commit()
@@ -139,7 +139,7 @@ def test_expire_at_begin_keeps_unflushed_changes_of_an_autobegun_flush(db, seed)
     """A change made between transactions survives the flush that autobegins one."""
     seed(db)
     engine = db.engine()
-    guard = install_guard(engine, expire={"begin"})
+    guard = install_guard(engine, expire={"begin"}, log_level="debug")
     session = Session(engine, expire_on_commit=False)
     user = session.get(User, 1)
     address = session.get(Address, 1)
@@ -168,7 +168,7 @@ def test_expiry_never_discards_a_pending_change(sqlite_db, seed):
     """
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    install_guard(engine, expire={"begin"})
+    install_guard(engine, expire={"begin"}, log_level="debug")
     session = Session(engine, expire_on_commit=False, autoflush=False)
     user = session.get(User, 1)
     address = session.get(Address, 1)
@@ -188,7 +188,7 @@ def test_assigning_the_same_value_is_not_kept_from_expiry(sqlite_db, seed):
     """An attribute set to the value it had is no pending change: the object expires."""
     seed(sqlite_db)
     engine = sqlite_db.engine()
-    install_guard(engine, expire={"begin"})
+    install_guard(engine, expire={"begin"}, log_level="debug")
     session = Session(engine, expire_on_commit=False, autoflush=False)
     user = session.get(User, 1)
     session.commit()
@@ -199,3 +199,61 @@ def test_assigning_the_same_value_is_not_kept_from_expiry(sqlite_db, seed):
     assert expired["kept_modified"] == 0
     assert "name" not in user.__dict__
     session.close()
+
+
+def test_default_log_level_info_emits_no_transaction_lines(sqlite_db, seed):
+    """log_level defaults to info: no session.begin/commit/rollback or expire_all lines."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, expire={"begin"})
+    assert guard.config.log_level == "info"
+    with capture_logs() as logs, Session(engine) as session:
+        session.get(User, 1)
+        session.commit()
+        session.get(User, 1)
+    assert logs == []
+    assert guard.stats().transactions == 2
+
+
+def test_events_below_the_level_are_not_built(sqlite_db, seed):
+    """Below the level the logger is never called: nothing is built for it."""
+    seed(sqlite_db)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **fields: self.calls.append(f"{level} {event}")
+
+    for level, expected in (
+        ("debug", ["debug session.begin", "debug session.commit"]),
+        ("info", []),
+        ("error", []),
+    ):
+        recorder = Recorder()
+        engine = sqlite_db.engine()
+        guard = install_guard(engine, log_level=level, logger=recorder)
+        with Session(engine) as session:
+            session.get(User, 1)
+            session.commit()
+        guard.uninstall()
+        assert recorder.calls == expected, level
+
+
+def test_the_default_logger_is_bound_once_and_again_after_reconfiguration(
+    sqlite_db, seed
+):
+    """structlog's lazy proxy is resolved on first use, not per event; capture_logs() still sees events."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, log_level="debug")
+    telemetry = guard._telemetry
+    with capture_logs() as first:
+        assert telemetry.log is telemetry.log
+        with Session(engine) as session:
+            session.get(User, 1)
+    with capture_logs() as second, Session(engine) as session:
+        session.get(User, 1)
+    assert [entry["event"] for entry in first] == ["session.begin", "session.rollback"]
+    assert [entry["event"] for entry in second] == ["session.begin", "session.rollback"]

@@ -1,7 +1,7 @@
 """End to end: a real Prometheus scrapes a guarded app; every dashboard query has data.
 
-The Prometheus server comes from scripts/ensure-prometheus (the Debian package
-`prometheus`), or SESSIONGUARD_PROMETHEUS. It runs on a free loopback port of
+The Prometheus server comes from scripts/ensure-prometheus (the binary of the
+Debian package `prometheus`, extracted into the venv), or SESSIONGUARD_PROMETHEUS. It runs on a free loopback port of
 its own, never the distro daemon's :9090, and is stopped at the end.
 """
 
@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +39,7 @@ STALE_READ_QUERY = "sum by (sessionguard_entity) (rate(sessionguard_stale_reads_
 def _prometheus_binary() -> str | None:
     for candidate in (
         os.environ.get("SESSIONGUARD_PROMETHEUS"),
+        os.path.join(sys.prefix, "bin", "prometheus"),  # scripts/ensure-prometheus
         "/usr/bin/prometheus",
         shutil.which("prometheus"),
     ):

@@ -49,7 +49,9 @@ def test_stale_select_raises_with_on_stale_raise(db, seed):
     assert session.scalars(select(User)).one().name == "alice"
 
     install_guard(engine, on_stale="raise")
-    with pytest.raises(StaleReadError, match=r"User identity=\(1,\).*name") as info:
+    with pytest.raises(
+        StaleReadError, match=r"User 1 at .*attribute `name` differs"
+    ) as info:
         session.scalars(select(User)).one()
     assert info.value.finding.entity == "User"
     assert user.name == "alice"

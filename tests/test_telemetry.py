@@ -420,3 +420,51 @@ def test_mariadb_is_mariadb_however_the_url_spells_it(mysql_url, spelling, seed,
             engine.dispose()
         Base.metadata.drop_all(setup)
         setup.dispose()
+
+
+def test_identity_map_size_of_a_session_closed_without_commit(db, otel):
+    """50 objects read and closed without commit: 50 in the log, the histogram and the stats."""
+    from structlog.testing import capture_logs
+
+    writer = db.engine()
+    with Session(writer) as session:
+        session.add_all(User(id=n, name=f"user-{n}") for n in range(1, 51))
+        session.commit()
+    engine = db.engine()
+    guard = install_guard(
+        engine,
+        log_level="debug",
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    with capture_logs() as logs, Session(engine) as session:
+        users = session.scalars(select(User)).all()  # a read-only request
+        assert len(users) == 50
+    # close() emptied the map before the transaction ended
+    [ended] = [entry for entry in logs if entry["event"] == "session.rollback"]
+    assert ended["identity_map_size"] == 50
+    [(_, size)] = otel.points("sessionguard.identity_map.size").items()
+    assert (size.count, size.sum, size.max) == (1, 50, 50)
+    [span] = otel.spans()
+    assert span.attributes["sessionguard.identity_map.size"] == 50
+    assert guard.stats().max_identity_map_size == 50
+    del users
+
+
+def test_identity_map_size_is_the_most_held_during_the_transaction(sqlite_db, otel):
+    """Objects held across a statement, then dropped before commit, still count at the end."""
+    writer = sqlite_db.engine()
+    with Session(writer) as session:
+        session.add_all(User(id=n, name=f"user-{n}") for n in range(1, 21))
+        session.commit()
+    engine = sqlite_db.engine()
+    guard = install_guard(engine, meter_provider=otel.meter_provider)
+    with Session(engine) as session:
+        users = session.scalars(select(User)).all()
+        assert len(users) == 20
+        session.scalars(select(User).where(User.id == 1)).all()
+        del users  # the weak map forgets them before the commit
+        session.commit()
+    [(_, size)] = otel.points("sessionguard.identity_map.size").items()
+    assert size.max == 20
+    assert guard.stats().max_identity_map_size == 20

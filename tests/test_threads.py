@@ -7,10 +7,10 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
-from sessionguard import StaleRead, install_guard
+from sessionguard import CrossThread, StaleRead, install_guard
 
 from .models import User
 
@@ -159,3 +159,114 @@ def test_findings_from_threads_stay_bounded(sqlite_db):
     assert seen == ["old"] * (THREADS * ROUNDS)  # every read returned stale data
     assert guard.stats().stale_reads == THREADS * ROUNDS
     assert len(guard.findings) == 10
+
+
+# -- cross_thread: two threads inside one session at once -------------------------
+
+
+def _cross_thread(guard) -> list[CrossThread]:
+    return [f for f in guard.findings if isinstance(f, CrossThread)]
+
+
+def test_sequential_handoff_between_threads_is_not_cross_thread(db):
+    """One transaction used by thread after thread, never at once: no finding."""
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        session.add(User(id=1, name="alice"))
+        session.flush()  # the transaction is open in the main thread
+
+        def use(ident: int) -> None:
+            session.scalars(select(User)).all()
+            session.add(User(id=ident, name="x"))
+            session.flush()
+
+        for ident in range(10, 13):
+            worker = threading.Thread(target=use, args=(ident,))
+            worker.start()
+            worker.join()
+        session.scalars(select(User)).all()
+        session.commit()
+    assert _cross_thread(guard) == []
+
+
+def test_testclient_shared_session_is_not_cross_thread(db):
+    """A session shared with FastAPI's TestClient (portal and worker threads) is not a finding."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    engine = db.engine()
+    guard = install_guard(engine)
+    app = FastAPI()
+    shared = Session(engine, expire_on_commit=False)
+
+    def get_session() -> Session:
+        raise AssertionError("overridden")  # pragma: no cover
+
+    @app.get("/users")
+    def list_users(session: Session = Depends(get_session)) -> list[str]:  # noqa: B008
+        return [user.name for user in session.scalars(select(User))]
+
+    @app.post("/users/{name}")
+    async def add_user(name: str, session: Session = Depends(get_session)) -> int:  # noqa: B008
+        user = User(id=len(session.scalars(select(User)).all()) + 1, name=name)
+        session.add(user)
+        session.flush()
+        return user.id
+
+    app.dependency_overrides[get_session] = lambda: shared
+    with TestClient(app) as client:
+        shared.add(User(id=100, name="fixture"))
+        shared.flush()  # the test's thread opens the transaction
+        for name in ("a", "b", "c"):
+            assert client.post(f"/users/{name}").status_code == 200  # portal thread
+            assert len(client.get("/users").json()) >= 2  # a worker thread
+        assert len(shared.scalars(select(User)).all()) == 4  # back in the test
+    shared.rollback()
+    shared.close()
+    assert _cross_thread(guard) == []
+
+
+def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
+    """Two threads meeting at a barrier inside a statement of one session: exactly one finding."""
+    engine = db.engine()
+    guard = install_guard(engine)
+    session = Session(engine)
+    session.execute(select(User)).all()  # begins: the guard brackets the engine
+    inside = threading.Barrier(2, timeout=10)
+    waiting = threading.local()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def meet(*args: Any) -> None:
+        # Both threads are inside a statement when they pass the barrier.
+        if getattr(waiting, "armed", False):
+            waiting.armed = False
+            inside.wait()
+
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            waiting.armed = True
+            session.execute(select(User)).all()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            errors.append(error)
+            inside.abort()
+
+    workers = [threading.Thread(target=read, name=f"reader-{n}") for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    event.remove(engine, "before_cursor_execute", meet)
+    session.rollback()
+    session.close()
+    assert errors == []
+    (finding,) = _cross_thread(guard)
+    names = {worker.name: worker.ident for worker in workers}
+    first, other = finding.first_thread, finding.other_thread
+    assert {first, other} == {f"{name} ({ident})" for name, ident in names.items()}
+    assert finding.location is not None
+    assert finding.location.startswith(__file__)
