@@ -426,6 +426,11 @@ def report_run(
         else:
             entry.matched_rates.add(rate)
             print(f"  {count:>6}  {kind}   [expected, line {entry.line}]")
+    counted = run.guard["stats"].get("internal_errors", 0)
+    if counted and not run.guard["internal_errors"]:
+        # Counted but never logged: the logger itself failed, or the event moved.
+        unexplained.append("internal_errors counted without an internal_error event")
+        print(f"\n-- {counted} internal_errors counted, none logged")
     record = {
         "sample_rate": rate,
         "seconds": round(run.seconds, 1),
