@@ -10,6 +10,10 @@ things, each switched on by its own option:
     Written by the process that sees every report: the xdist controller, or the
     only process without xdist.
 
+``--sg-only PATH``
+    Run only the test ids listed in PATH (one a line), for a baseline of the
+    tests that failed under a guard.
+
 ``--sg-guard-rate RATE`` (with ``--sg-guard-dir DIR``)
     Install ``install_guard(None, sample_rate=RATE)`` on every session in each
     process that runs tests. SQLAlchemy's fixtures remove ORM listeners between
@@ -64,6 +68,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--sg-guard-dir", metavar="DIR", help="where each process writes its stats"
+    )
+    group.addoption(
+        "--sg-only", metavar="PATH", help="run only the test ids listed in PATH"
     )
 
 
@@ -297,6 +304,20 @@ class GuardKeeper:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.worker}.json"
         path.write_text(json.dumps(report, indent=1, sort_keys=True))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    only = config.getoption("sg_only")
+    if not only:
+        return
+    wanted = set(Path(only).read_text().splitlines())
+    deselected = [item for item in items if item.nodeid not in wanted]
+    if deselected:
+        items[:] = [item for item in items if item.nodeid in wanted]
+        config.hook.pytest_deselected(items=deselected)
 
 
 def _check_installed_sqlalchemy(config: pytest.Config) -> None:
