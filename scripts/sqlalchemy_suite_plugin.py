@@ -81,12 +81,27 @@ def _first_line(text: str) -> str:
     return ""
 
 
+def _short_path(path: str) -> str:
+    """A path from the package or test tree down, not the machine's."""
+    if "/site-packages/" in path:
+        return path.rsplit("/site-packages/", 1)[1]
+    if path.startswith("lib/"):
+        # a compiled module names its source as it was when the wheel was built
+        return path.removeprefix("lib/")
+    parts = path.split("/test/")
+    return f"test/{parts[-1]}" if len(parts) > 1 else path
+
+
 def _error_of(report: pytest.TestReport) -> str:
     """``ExceptionType: first line of the message`` of a failed report."""
     longrepr = report.longrepr
     crash = getattr(longrepr, "reprcrash", None)
     if crash is not None and getattr(crash, "message", None):
-        return _first_line(crash.message)
+        error = _first_line(crash.message)
+        if ":" not in error:
+            # A bare `assert` says nothing; where it failed tells the groups apart.
+            error += f" at {_short_path(str(crash.path))}:{crash.lineno}"
+        return error
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return _first_line(str(longrepr[2]))
     # No crash location (every frame hidden): the last line that looks like
