@@ -171,9 +171,11 @@ class Run:
 
 def pytest_command(
     args: argparse.Namespace,
+    sdist: Path,
     outcomes: Path,
     rate: float | None,
     guard_dir: Path,
+    *,
     only: Path | None = None,
 ) -> list[str]:
     command = [sys.executable, "-m", "pytest"]
@@ -183,7 +185,7 @@ def pytest_command(
         # deselects the others after collecting just their files.
         tests = only.read_text().splitlines()
         command += sorted({test.split("::")[0] for test in tests})
-        command += ["--sg-only", str(only)]
+        command.append(f"--sg-only={only}")
     else:
         command += [f"test/{suite}" for suite in args.suites]
     command += [
@@ -198,11 +200,13 @@ def pytest_command(
         "sqlalchemy_suite_plugin",
         # SQLAlchemy's addopts stop at 250 failures
         "--maxfail=0",
-        "--sg-outcomes",
-        str(outcomes),
+        # SQLAlchemy reads its setup.cfg from the rootdir; with "--opt PATH" an
+        # existing PATH would count as a test path in finding it.
+        f"--rootdir={sdist}",
+        f"--sg-outcomes={outcomes}",
     ]
     if rate is not None:
-        command += ["--sg-guard-rate", repr(rate), "--sg-guard-dir", str(guard_dir)]
+        command += [f"--sg-guard-rate={rate!r}", f"--sg-guard-dir={guard_dir}"]
     if args.k:
         command += ["-k", args.k]
     passthrough: list[str] = args.pytest_args
@@ -245,7 +249,7 @@ def run_pytest(
     if only is not None:
         only_file = work / f"{label}.tests.txt"
         only_file.write_text("".join(f"{nodeid}\n" for nodeid in only))
-    command = pytest_command(args, outcomes, rate, guard_dir, only_file)
+    command = pytest_command(args, sdist, outcomes, rate, guard_dir, only=only_file)
     print(f"{label}: running pytest (log: {log})", flush=True)
     started = time.monotonic()
     with log.open("w") as out:
