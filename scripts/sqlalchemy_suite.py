@@ -111,7 +111,9 @@ def ensure_sdist(cache: Path, version: str) -> tuple[Path, float | None]:
     target = cache / f"sqlalchemy-{version}"
     marker = target / ".sessionguard-unpacked"
     if marker.exists():
-        return target, None
+        # resolved: pytest's test ids are relative to the rootdir, which it
+        # resolves, while the files given are found through cwd
+        return target.resolve(), None
     started = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -151,7 +153,7 @@ def ensure_sdist(cache: Path, version: str) -> tuple[Path, float | None]:
             raise SetupError(f"{archives[0].name} has no test/conftest.py")
         top.rename(target)
     marker.write_text(version)
-    return target, time.monotonic() - started
+    return target.resolve(), time.monotonic() - started
 
 
 # -- one pytest run -----------------------------------------------------------
@@ -290,9 +292,12 @@ def merge_guard_reports(directory: Path) -> dict[str, Any]:
         merged[name] = collections.Counter()
     for name in ("tests", "installed_but_missing", "hidden_statements"):
         merged[name] = 0
+    examples: dict[str, list[str]] = {}
     for path in sorted(directory.glob("*.json")):
         report = json.loads(path.read_text())
         merged["workers"] += 1
+        for kind, tests in report.get("examples", {}).items():
+            examples.setdefault(kind, []).extend(tests)
         for name in counters:
             for key, value in report.get(name, {}).items():
                 if key.startswith("max_"):
@@ -301,6 +306,7 @@ def merge_guard_reports(directory: Path) -> dict[str, Any]:
                     merged[name][key] += value
         for name in ("tests", "installed_but_missing", "hidden_statements"):
             merged[name] += report.get(name, 0)
+    merged["examples"] = {kind: sorted(tests) for kind, tests in examples.items()}
     if not merged["workers"]:
         raise SetupError(f"no guard report in {directory}: did the plugin load?")
     return {k: dict(v) if isinstance(v, dict) else v for k, v in merged.items()}
@@ -399,6 +405,12 @@ def print_guard(run: Run) -> None:
     )
     events = ", ".join(f"{k} {v}" for k, v in sorted(guard["events"].items()))
     print(f"  guard log events: {events or 'none'}")
+    for kind, tests in sorted(guard["examples"].items()):
+        if kind in guard["internal_errors"]:
+            continue  # listed with the internal errors
+        print(f"    {kind} ({guard['events'].get(kind, 0)}), e.g. in")
+        for nodeid in tests:
+            print(f"      {nodeid}")
     reinstalls = sum(guard["reinstalls"].values())
     phases = ", ".join(
         f"before {k} {v}" for k, v in sorted(guard["reinstalls"].items())
@@ -455,6 +467,8 @@ def report_run(
         else:
             entry.matched_rates.add(rate)
             print(f"  {count:>6}  {kind}   [expected, line {entry.line}]")
+        for nodeid in run.guard["examples"].get(kind, []):
+            print(f"            in {nodeid}")
     counted = run.guard["stats"].get("internal_errors", 0)
     if counted and not run.guard["internal_errors"]:
         # Counted but never logged: the logger itself failed, or the event moved.

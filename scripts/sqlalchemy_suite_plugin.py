@@ -146,19 +146,32 @@ class OutcomeRecorder:
 class _EventCollector:
     """A structlog processor that counts the guard's events and drops them."""
 
+    # Tests named per kind of finding or error, enough to reproduce one.
+    EXAMPLES = 5
+
     def __init__(self) -> None:
         self.events: collections.Counter[str] = collections.Counter()
         self.internal_errors: collections.Counter[str] = collections.Counter()
+        # kind (an event name, or "internal_error: where: error") -> test ids
+        self.tests: dict[str, list[str]] = {}
+        self.nodeid = "(outside any test)"
 
     def __call__(self, logger: Any, method: str, event_dict: Any) -> Any:
         import structlog
 
         name = str(event_dict.get("event"))
         self.events[name] += 1
+        kind = name
         if name == "internal_error":
             where = event_dict.get("where", "?")
             error = _first_line(str(event_dict.get("error", "")))
-            self.internal_errors[f"{where}: {error}"] += 1
+            kind = f"{where}: {error}"
+            self.internal_errors[kind] += 1
+        if method in {"warning", "error"}:
+            # findings and errors, not the per-transaction chatter
+            tests = self.tests.setdefault(kind, [])
+            if len(tests) < self.EXAMPLES and self.nodeid not in tests:
+                tests.append(self.nodeid)
         raise structlog.DropEvent
 
 
@@ -286,6 +299,7 @@ class GuardKeeper:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         self.tests += 1
+        self.collector.nodeid = item.nodeid
         self.ensure("setup")
 
     @pytest.hookimpl(tryfirst=True)
@@ -309,6 +323,7 @@ class GuardKeeper:
             "stats": self.totals,
             "events": dict(self.collector.events),
             "internal_errors": dict(self.collector.internal_errors),
+            "examples": self.collector.tests,
             "reinstalls": dict(self.reinstalls),
             "missing": dict(self.missing),
             "installed_but_missing": self.installed_but_missing,
