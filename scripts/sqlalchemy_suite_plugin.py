@@ -225,6 +225,12 @@ class GuardKeeper:
                     Mapper, identifier, function
                 ):
                     missing.append(f"Mapper.{identifier}")
+            hook = getattr(stale, "_guarded_identity_lookup", None)
+            if hook is not None and getattr(hooks, "original_identity_lookup", None):
+                from sqlalchemy.orm import Session
+
+                if Session.__dict__.get("_identity_lookup") is not hook:
+                    missing.append("Session._identity_lookup")
         return missing
 
     def ensure(self, phase: str) -> None:
