@@ -1,0 +1,384 @@
+"""
+What every listener family of a guard shares: its state, counters, findings.
+
+``GuardCore`` holds a guard's state and the steps all listener families take
+(record a finding, check hits, expire, notice a new request). Each family of
+listeners lives in a module of its own, layered on top of it:
+``_connection_listeners`` (Core: writes that bypass the session, two threads
+at once), ``_transaction_listeners`` (begin, commit, rollback), and
+``_read_listeners`` (ORM statements, identity lookups); ``_guard`` is the
+public handle.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import os
+import random
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.orm.attributes import instance_state
+
+from . import _stale
+from ._context import current_request
+from ._findings import (
+    Finding,
+    SharedSession,
+    StaleRead,
+)
+from ._location import user_location as _user_location
+from ._telemetry import Telemetry, db_system_name
+from .exceptions import SessionGuardWarning, StaleReadError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from opentelemetry.trace import Span
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session, SessionTransaction
+    from sqlalchemy.orm.identity import IdentityMap
+    from sqlalchemy.orm.state import InstanceState
+
+    from ._config import GuardConfig
+    from ._targets import Target
+
+__all__ = ["GuardCore", "GuardStats", "SessionState", "fail_open", "installed_lock"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardStats:
+    """A snapshot of a guard's counters, from :meth:`Guard.stats`."""
+
+    transactions: int = 0
+    commits: int = 0
+    rollbacks: int = 0
+    statements: int = 0
+    identity_map_hits: int = 0
+    verified_objects: int = 0
+    stale_reads: int = 0
+    expire_all_calls: int = 0
+    verification_errors: int = 0
+    max_identity_map_size: int = 0
+    skipped_checks: int = 0
+    """Identity-map hits not checked: outside the asyncio greenlet, sharded, or
+    with a NULL part in their primary key."""
+    internal_errors: int = 0
+    """Failures inside the guard itself, logged as ``internal_error``."""
+
+
+_COUNTERS = tuple(field.name for field in dataclasses.fields(GuardStats))
+
+
+class _Counters:
+    """Mutable counters behind :class:`GuardStats`, exact across threads."""
+
+    def __init__(self) -> None:
+        # Re-entrant: a finalizer run by the garbage collector inside a locked
+        # block of the same thread (a session collected mid-transaction) counts.
+        self.lock = threading.RLock()
+        self.values = dict.fromkeys(_COUNTERS, 0)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self.lock:
+            self.values[name] += amount
+
+    def high_water(self, name: str, value: int) -> None:
+        with self.lock:
+            self.values[name] = max(self.values[name], value)
+
+    def snapshot(self) -> GuardStats:
+        with self.lock:
+            return GuardStats(**self.values)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.values = dict.fromkeys(_COUNTERS, 0)
+
+
+class SessionState:
+    """What one guard knows of one session; lives as long as the session."""
+
+    __slots__ = (
+        "began_at",
+        "cross_thread_reported",
+        "finalizer",
+        "identity_map",
+        "inside",
+        "max_identity_map_size",
+        "namespace",
+        "reported_writes",
+        "request",
+        "span",
+        "stale_reads",
+        "statements",
+        "statements_at_begin",
+        "system",
+        "transaction",
+    )
+
+    def __init__(self) -> None:
+        self.transaction: weakref.ref[SessionTransaction] | None = None
+        self.began_at = 0.0
+        self.statements = 0
+        self.statements_at_begin = 0
+        # Threads executing on the session's connection right now, with
+        # how deep (a statement can run inside another one's event).
+        self.inside: dict[int, tuple[int, threading.Thread]] = {}
+        self.cross_thread_reported = False
+        # The map at begin (close() swaps in an empty one before the
+        # transaction ends) and the most objects seen at a statement: the
+        # size reported is the most the session held, in O(1).
+        self.identity_map: IdentityMap | None = None
+        self.max_identity_map_size = 0
+        self.request: object = None
+        self.span: Span | None = None
+        self.system = "other_sql"
+        self.namespace: str | None = None
+        self.stale_reads = 0
+        self.finalizer: weakref.finalize[Any, Any] | None = None
+        self.reported_writes: set[tuple[str, str]] = set()
+
+
+# Re-entrant: the finalizer of a collected Session or engine target
+# uninstalls its guard, and the collector can run it inside install_guard().
+installed_lock = threading.RLock()
+
+
+_Method = TypeVar("_Method", bound="Callable[..., Any]")
+
+
+def fail_open(method: _Method) -> _Method:
+    """Run a listener so that a failure of the guard never reaches the user."""
+
+    @functools.wraps(method)
+    def listener(self: GuardCore, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except (StaleReadError, Warning):
+            raise  # asked for: on_stale="raise", or warnings turned into errors
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error(method.__name__, error)
+            return None
+
+    return listener  # type: ignore[return-value]
+
+
+def _warn_at(message: str, location: str | None) -> None:
+    """A SessionGuardWarning attributed to the user's line, for warning filters."""
+    path, _, line = (location or "").rpartition(":")
+    if not path or not line.isdigit():
+        warnings.warn(message, SessionGuardWarning, stacklevel=3)
+        return
+    module = os.path.splitext(os.path.basename(path))[0]
+    for name, loaded in list(sys.modules.items()):
+        if getattr(loaded, "__file__", None) == path:
+            module = name
+            break
+    warnings.warn_explicit(message, SessionGuardWarning, path, int(line), module=module)
+
+
+class GuardCore:
+    """A guard's state and the steps its listener families share."""
+
+    def __init__(self, target: Target, config: GuardConfig) -> None:
+        self._target = target
+        self._config = config
+        self._telemetry = Telemetry(config)
+        self._counters = _Counters()
+        self._findings: collections.deque[Finding] = collections.deque(
+            maxlen=config.max_findings
+        )
+        self._findings_lock = threading.RLock()
+        # Called with every finding as it is made (the pytest plugin uses it
+        # to attribute findings to the running test).
+        self._finding_callbacks: list[Callable[[Finding], None]] = []
+        # Set by the pytest plugin while a test marked allow_stale=True runs:
+        # findings are made and reported, StaleReadError is not raised.
+        self._raise_excused = False
+        self._sessions: weakref.WeakKeyDictionary[Session, SessionState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._listeners: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
+        self._installed = False
+        self._detect = config.detect_stale_reads
+        self._sample_rate = config.sample_rate
+        self._random = random.Random()
+        self._restore_async_maker: Callable[[], None] | None = None
+        self._lookup_hooked = False
+        self._logged_errors: set[tuple[str, str]] = set()
+        # Engines with the guard's Core listeners (writes, threads).
+        self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # Who installed the guard on everyone's behalf (the pytest plugin):
+        # install_guard() then refuses to hand it out to be uninstalled.
+        self._owner: str | None = None
+        self._target_finalizer: weakref.finalize[Any, Any] | None = None
+        # The connections of tracked transactions, to attribute Core DML.
+        self._connections: weakref.WeakKeyDictionary[
+            Connection, weakref.ref[Session]
+        ] = weakref.WeakKeyDictionary()
+
+    def _listen(
+        self, target: Any, identifier: str, function: Callable[..., Any]
+    ) -> None:
+        event.listen(target, identifier, function)
+        self._listeners.append((weakref.ref(target), identifier, function))
+
+    def _state(self, session: Session) -> SessionState:
+        state = self._sessions.get(session)
+        if state is None:
+            state = self._sessions.setdefault(session, SessionState())
+        return state
+
+    def _on_engine(self, bind: Engine | Connection) -> bool:
+        return bind.engine is self._target.engine
+
+    def _internal_error(self, where: str, error: BaseException) -> None:
+        self._counters.add("internal_errors")
+        # Logged once per place and kind of error (with its traceback): a
+        # listener that fails for every statement must not flood the log.
+        kind = (where, type(error).__name__)
+        if kind in self._logged_errors:
+            return
+        self._logged_errors.add(kind)
+        # If the logger itself is what broke, the counter is all that is left.
+        with contextlib.suppress(Exception):
+            self._telemetry.internal_error(where, error)
+
+    def internal_error(self, where: str, error: BaseException) -> None:
+        self._internal_error(where, error)
+
+    def _check(
+        self, session: Session, hits: list[_stale.Hit], *, raise_stale: bool
+    ) -> list[StaleRead]:
+        started = time.perf_counter()
+        outcome = _stale.check_hits(
+            session, hits, self._config, location=_user_location
+        )
+        duration = time.perf_counter() - started if outcome.verified else None
+        counters = self._counters
+        if outcome.hits:
+            counters.add("identity_map_hits", sum(outcome.hits.values()))
+        if outcome.verified:
+            counters.add("verified_objects", sum(outcome.verified.values()))
+        state = self._sessions.get(session)
+        if state is not None and state.transaction is not None:
+            system = state.system
+        else:
+            system = db_system_name(outcome.dialect or "")
+        self._telemetry.checked(system, outcome.hits, outcome.verified, duration)
+        skipped = (
+            outcome.skipped_outside_greenlet
+            + outcome.skipped_identity_token
+            + outcome.skipped_partial_key
+        )
+        if skipped:
+            counters.add("skipped_checks", skipped)
+        for entity, error in outcome.errors:
+            counters.add("verification_errors")
+            self._telemetry.verification_error(session.hash_key, entity, error)
+        request = current_request()
+        findings = []
+        for found in outcome.findings:
+            finding = found
+            if request is not None:
+                finding = dataclasses.replace(found, request_id=request.request_id)
+            findings.append(finding)
+            counters.add("stale_reads")
+            if state is not None and state.transaction is not None:
+                state.stale_reads += 1
+            self._record(finding, state, system)
+        if (
+            findings
+            and raise_stale
+            and self._config.on_stale == "raise"
+            and not self._raise_excused
+        ):
+            error = StaleReadError(findings[0])
+            self._telemetry.stale_error(
+                state.span if state is not None else None, error
+            )
+            raise error
+        return findings
+
+    def _record(
+        self,
+        finding: Finding,
+        state: SessionState | None = None,
+        system: str | None = None,
+    ) -> None:
+        with self._findings_lock:
+            self._findings.append(finding)
+        span = state.span if state is not None else None
+        self._telemetry.finding(finding, span, system)
+        for callback in self._finding_callbacks:
+            callback(finding)
+        if self._config.on_stale == "warn":
+            message = (
+                finding.describe()
+                if isinstance(finding, StaleRead)
+                else f"sessionguard {finding.kind}: {finding.to_dict()}"
+            )
+            _warn_at(message, finding.location)
+
+    def _expire(self, session: Session, reason: str) -> None:
+        """``expire_all()`` that leaves objects with unflushed changes alone."""
+        identity_map = session.identity_map
+        modified = identity_map._modified
+        keep: set[InstanceState[Any]] = {instance_state(o) for o in session.deleted}
+        if session._flushing:
+            # A flush that autobegins the transaction is already working on
+            # these objects; expiring them would make it reload them mid-flush.
+            keep.update(modified)
+        else:
+            keep.update(
+                instance_state(obj) for obj in session.dirty if session.is_modified(obj)
+            )
+        expired = 0
+        for state in identity_map.all_states():
+            if state in keep:
+                continue
+            state._expire(state.dict, modified)
+            expired += 1
+        self._counters.add("expire_all_calls")
+        self._telemetry.expired(session.hash_key, reason, expired, len(keep))
+
+    def _check_request(self, session: Session, state: SessionState) -> None:
+        """Notice a session that moved into another request context."""
+        request = current_request()
+        if request is None or request is state.request:
+            return
+        previous = state.request
+        state.request = request
+        expire = "request" in self._config.expire
+        if previous is None:
+            # First use inside a request context. A session used before any
+            # (warmed up at start-up, say) brings that state in: expire it.
+            if expire and len(session.identity_map):
+                self._expire(session, "request")
+            return
+        pending = (
+            len(session.new)
+            + len(session.deleted)
+            + sum(1 for obj in session.dirty if session.is_modified(obj))
+        )
+        if pending or not expire:
+            self._record(
+                SharedSession(
+                    session_id=session.hash_key,
+                    location=_user_location(),
+                    request_id=request.request_id,
+                    previous_request_id=getattr(previous, "request_id", None),
+                    pending_objects=pending,
+                )
+            )
+        if expire:
+            self._expire(session, "request")
