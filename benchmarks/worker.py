@@ -188,7 +188,11 @@ class Worker:
             "guard_statements": after_stats.get("statements", 0)
             - before_stats.get("statements", 0),
             "top_growth": [
-                {"size_diff": stat.size_diff, "where": str(stat.traceback[0])}
+                {
+                    "size_diff": stat.size_diff,
+                    "where": f"{_short(stat.traceback[0].filename)}:"
+                    f"{stat.traceback[0].lineno}",
+                }
                 for stat in growth[:10]
             ],
         }
