@@ -156,50 +156,70 @@ def measure_times(
     url: str,
     workloads: Sequence[str],
     configurations: Sequence[str],
+    *,
     rounds: int,
     ops: int,
+    repeat: int,
 ) -> dict[str, Any]:
     plan = {
         workload: [name for name in configurations if name in APPLIES[workload]]
         for workload in workloads
     }
     needed = [name for name in configurations if any(name in p for p in plan.values())]
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
-        workload: {name: [] for name in names} for workload, names in plan.items()
+    # samples[workload][configuration][round] = the batches of that round
+    samples: dict[str, dict[str, list[list[dict[str, Any]]]]] = {
+        workload: {name: [[] for _ in range(rounds)] for name in names}
+        for workload, names in plan.items()
     }
     started = time.monotonic()
     with workers(needed, url) as pool:
         for round_number in range(rounds):
             for workload, names in plan.items():
-                shift = round_number % len(names)
-                for name in names[shift:] + names[:shift]:
-                    count = _ops(workload, ops)
-                    samples[workload][name].append(
-                        pool[name].ask(
-                            "time", workload=workload, ops=count, warmup=_warmup(count)
+                count = _ops(workload, ops)
+                for batch in range(repeat):
+                    shift = (round_number * repeat + batch) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        samples[workload][name][round_number].append(
+                            pool[name].ask(
+                                "time",
+                                workload=workload,
+                                ops=count,
+                                warmup=_warmup(count),
+                            )
                         )
-                    )
             _progress(
                 f"  round {round_number + 1}/{rounds} done "
                 f"({time.monotonic() - started:.0f} s)"
             )
     results: dict[str, Any] = {}
     for workload, by_name in samples.items():
-        baseline = [sample["us_per_op"] for sample in by_name["baseline"]]
+        # Other load on the machine only ever adds time: the fastest batch of
+        # a round is that round's best estimate.
+        best = {
+            name: [min(batch["us_per_op"] for batch in batches) for batches in runs]
+            for name, runs in by_name.items()
+        }
+        baseline = best["baseline"]
         entry: dict[str, Any] = {
             "description": WORKLOADS[workload].description,
             "ops": _ops(workload, ops),
+            "batches_per_round": repeat,
             "configurations": {},
         }
         for name, runs in by_name.items():
-            times = [sample["us_per_op"] for sample in runs]
+            times = best[name]
+            batches = [batch for batches in runs for batch in batches]
             ratios = [t / b for t, b in zip(times, baseline, strict=True)]
             guard_per_op: dict[str, float] = {}
-            for key in runs[0]["guard_per_op"]:
+            for key in batches[0]["guard_per_op"]:
                 guard_per_op[key] = statistics.fmean(
-                    sample["guard_per_op"][key] for sample in runs
+                    batch["guard_per_op"][key] for batch in batches
                 )
             entry["configurations"][name] = {
+                "batches_us_per_op": [
+                    [batch["us_per_op"] for batch in round_batches]
+                    for round_batches in runs
+                ],
                 "us_per_op": times,
                 "ratios": ratios,
                 "median_us_per_op": statistics.median(times),
@@ -563,9 +583,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed batches per configuration and workload in each round, "
+        "interleaved too; the round keeps the fastest",
+    )
+    parser.add_argument(
         "--ops",
         type=int,
-        default=1000,
+        default=400,
         help="operations per timed batch of W1; other workloads divide it by "
         "their cost ("
         + ", ".join(f"{w.name}: {w.cost:g}" for w in WORKLOADS.values() if w.cost != 1)
@@ -609,6 +636,7 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
         "environment": _environment(),
         "arguments": {
             "rounds": args.rounds,
+            "repeat": args.repeat,
             "ops": args.ops,
             "workloads": args.workloads,
             "configurations": configurations,
@@ -634,7 +662,12 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
         else:
             if timed:
                 data["times"] = measure_times(
-                    url, timed, configurations, args.rounds, args.ops
+                    url,
+                    timed,
+                    configurations,
+                    rounds=args.rounds,
+                    ops=args.ops,
+                    repeat=args.repeat,
                 )
             if MEMORY in args.workloads:
                 data["memory"] = measure_memory(
@@ -664,8 +697,9 @@ def print_report(
                 print_call_differences(data, "W1", top=8)
             continue
         print(
-            f"## {data['label']}: {args.rounds} rounds; median over rounds of the "
-            "ratio to the same round's baseline (min-max), baseline in µs/op\n"
+            f"## {data['label']}: {args.rounds} rounds of {args.repeat} batches "
+            "(the fastest kept); median over rounds of the ratio to the same "
+            "round's baseline (min-max), baseline in µs/op\n"
         )
         if "times" in data:
             print_times(data, configurations)

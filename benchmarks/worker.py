@@ -165,7 +165,6 @@ class Worker:
                     session.commit()
             session.commit()
 
-        before_stats = self._stats()
         with Session(self.engine) as session:
             tracemalloc.start()
             try:
@@ -175,13 +174,14 @@ class Worker:
                 snapshot = tracemalloc.take_snapshot()
                 gc.collect()
                 before = tracemalloc.get_traced_memory()[0]
+                before_stats = self._stats()
                 run(statements, warmup)
                 gc.collect()
                 after = tracemalloc.get_traced_memory()[0]
+                after_stats = self._stats()
                 growth = tracemalloc.take_snapshot().compare_to(snapshot, "lineno")
             finally:
                 tracemalloc.stop()
-        after_stats = self._stats()
         return {
             "statements": statements,
             "growth_bytes": after - before,

@@ -160,7 +160,7 @@ class W1Large(W1):
     description = "W1 with 10,000 objects held in the session"
     held = 10_000
     # SQLAlchemy expires all 10,000 objects at every commit.
-    cost = 100.0
+    cost = 40.0
 
 
 class W2Large(W2):
