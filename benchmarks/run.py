@@ -1,233 +1,734 @@
 """
-Overhead of sessionguard against an unguarded baseline measured in the same run.
+Overhead of sessionguard: configurations in their own processes, interleaved.
 
-    python benchmarks/run.py [--repeat 7] [--statements 2000] [--database-url URL]
-    python benchmarks/run.py --calls
+    python benchmarks/run.py [--rounds 7] [--ops 1000] [--database-url URL ...]
+    python benchmarks/run.py --check    # exit status 1 when a target is missed
+    python benchmarks/run.py --calls    # Python function calls per operation
 
-Each workload runs on the same engine and data with no guard (baseline) and
-with guards of several configurations; the report gives the median time per
-operation, the extra microseconds per operation and the ratio to the
-baseline. Targets are checked here and printed, never asserted by tests
-(TARGETS below):
+Each configuration (configs.py) runs in a worker process of its own
+(worker.py): a guard listens on the Session class and hooks process-wide
+functions, so configurations sharing a process would tax each other and
+flatter the guard. The workers stay up for the whole run and take turns,
+round by round: in each round every configuration times every workload once,
+in an order that rotates from round to round, so that a burst of load on the
+machine hits them all alike. The report gives, per workload and
+configuration, the median over rounds of the ratio to the baseline of the
+same round, with its range, and the baseline's absolute microseconds per
+operation.
 
-- an unsampled ORM statement (sample_rate=0.0) adds < 10 us: next to nothing
-  beside a database round trip (SQLAlchemy's own do_orm_execute dispatch is
-  part of it);
-- a sampled statement with one identity-map hit costs < 4x the baseline: the
-  check is one extra SELECT on the same connection (on PostgreSQL inside a
-  SAVEPOINT, two more round trips), so this is what sampling is for.
+Beside the timed workloads (workloads.py: W1, W2, W3, and W1/W2 with 10,000
+objects held), ``memory`` is the tracemalloc growth over 100,000 statements
+in one session, each configuration in a fresh process.
 
-``--calls`` prints Python function calls per operation instead (cProfile's
-deterministic count): the same from run to run on any machine, for comparing
-changes to the hot path when wall-clock times are blurred by other load.
+``--calls`` counts Python function calls per operation instead (cProfile's
+deterministic count, each configuration in its own process again): the same
+from run to run on any machine, for comparing changes to the hot path when
+wall-clock times are blurred by other load.
 
-Exit status 0 always: the numbers are for reading, not for failing a build.
+``--check`` evaluates the targets of issue 10 (targets.py) and prints them
+with what was measured. Exit status: 0 every target measured and met; 1 a
+target missed; 3 none missed, but some not measured (the PostgreSQL one
+needs ``--database-url postgresql+psycopg://...`` beside ``sqlite``; a
+filtered run skips the others).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
-from sqlalchemy import String, create_engine, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+import sqlalchemy
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
-from sessionguard import install_guard
+from configs import CONFIGURATIONS
+from targets import TARGETS, Target
+from workloads import WORKLOADS, create_data
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
-class Base(DeclarativeBase):
-    pass
+WORKER = Path(__file__).with_name("worker.py")
+IN_MEMORY_SQLITE = "sqlite://"
+MEMORY = "memory"
 
-
-class Item(Base):
-    __tablename__ = "bench_items"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-    price: Mapped[int]
-
-
-Workload = Callable[[Session, int], None]
-
-
-def select_one_hit(session: Session, n: int) -> None:
-    """n ORM selects, each returning one object already in the identity map."""
-    statement = select(Item).where(Item.id == 1)
-    for _ in range(n):
-        session.scalars(statement).one()
-
-
-def select_hundred_hits(session: Session, n: int) -> None:
-    """n ORM selects, each returning 100 objects already in the identity map."""
-    statement = select(Item).where(Item.id <= 100)
-    for _ in range(n):
-        session.scalars(statement).all()
-
-
-def get_hit(session: Session, n: int) -> None:
-    """n Session.get() calls answered from the identity map (no SQL)."""
-    for _ in range(n):
-        session.get(Item, 1)
-
-
-WORKLOADS: dict[str, tuple[Workload, int]] = {
-    # name: (workload, operations per unit of --statements)
-    "select, 1 hit": (select_one_hit, 1),
-    "select, 100 hits": (select_hundred_hits, 10),
-    "get(), map hit": (get_hit, 1),
+# Which configurations each measurement runs. check-floor differs from the
+# baseline only where a guard at 100 % would check an identity-map hit.
+APPLIES: dict[str, tuple[str, ...]] = {
+    "W1": tuple(name for name in CONFIGURATIONS if name != "check-floor"),
+    "W2": tuple(CONFIGURATIONS),
+    "W3": tuple(CONFIGURATIONS),
+    "W1-10k": ("baseline", "guard-0", "guard-100"),
+    "W2-10k": ("baseline", "guard-0", "guard-100"),
+    MEMORY: ("baseline", "guard-100"),
 }
-
-# (workload, configuration) -> (what is promised, a check of (us/op, ratio))
-TARGETS: dict[tuple[str, str], tuple[str, Callable[[float, float], bool]]] = {
-    ("select, 1 hit", "guard, sample_rate=0.0"): (
-        "< +10 us",
-        lambda extra, ratio: extra < 10.0,
-    ),
-    ("select, 100 hits", "guard, sample_rate=0.0"): (
-        "< +10 us",
-        lambda extra, ratio: extra < 10.0,
-    ),
-    ("get(), map hit", "guard, sample_rate=0.0"): (
-        "< +10 us",
-        lambda extra, ratio: extra < 10.0,
-    ),
-    ("select, 1 hit", "guard, sample_rate=1.0"): (
-        "< 4x",
-        lambda extra, ratio: ratio < 4.0,
-    ),
-}
-
-CONFIGS: dict[str, dict[str, Any] | None] = {
-    "baseline (no guard)": None,
-    "guard, detection off": {"detect_stale_reads": False},
-    "guard, sample_rate=0.0": {"sample_rate": 0.0},
-    "guard, sample_rate=0.1": {"sample_rate": 0.1},
-    "guard, sample_rate=1.0": {},
-}
+MEMORY_WARMUP = 2_000
 
 
-def _setup(url: str) -> Any:
-    engine = create_engine(url)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        session.add_all(Item(id=i, name=f"item {i}", price=i) for i in range(1, 101))
-        session.commit()
-    return engine
+# -- worker processes
 
 
-def _measure(
-    engine: Any, workload: Workload, ops: int, config: dict[str, Any] | None
-) -> float:
-    """Seconds for *ops* operations of *workload*, with the objects held in the map."""
-    guard = install_guard(engine, **config) if config is not None else None
+class WorkerProcess:
+    """One worker.py process: one configuration on one database."""
+
+    def __init__(self, configuration: str, url: str) -> None:
+        self.configuration = configuration
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), configuration, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            status = self.process.wait()
+            raise RuntimeError(
+                f"worker {self.configuration!r} exited with status {status}"
+            )
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def ask(self, command: str, **arguments: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"command": command, **arguments}) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def workers(
+    configurations: Sequence[str], url: str
+) -> Iterator[dict[str, WorkerProcess]]:
+    """Workers for *configurations*, started together, all ended on exit."""
+    started: dict[str, WorkerProcess] = {}
     try:
-        with Session(engine, expire_on_commit=False) as session:
-            held = session.scalars(select(Item)).all()  # the map is weak: hold them
-            workload(session, 10)  # warm caches (statement compilation, ...)
-            gc.collect()
-            gc.disable()
-            try:
-                started = time.perf_counter()
-                workload(session, ops)
-                elapsed = time.perf_counter() - started
-            finally:
-                gc.enable()
-            del held
+        for name in configurations:
+            started[name] = WorkerProcess(name, url)
+        for process in started.values():
+            process.wait_ready()
+        yield started
     finally:
-        if guard is not None:
-            guard.uninstall()
-    return elapsed
+        for process in started.values():
+            if process.process.poll() is None:
+                process.close()
 
 
-def _calls(
-    engine: Any, workload: Workload, ops: int, config: dict[str, Any] | None
-) -> float:
-    """Python function calls per operation of *workload* (deterministic)."""
-    import cProfile
-    import pstats
+# -- measuring
 
-    guard = install_guard(engine, **config) if config is not None else None
-    try:
-        with Session(engine, expire_on_commit=False) as session:
-            held = session.scalars(select(Item)).all()
-            workload(session, 10)
-            profile = cProfile.Profile()
-            profile.enable()
-            workload(session, ops)
-            profile.disable()
-            del held
-    finally:
-        if guard is not None:
-            guard.uninstall()
-    calls: int = pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
-    return calls / ops
+
+def _ops(workload: str, ops: int) -> int:
+    return max(3, round(ops / WORKLOADS[workload].cost))
+
+
+def _warmup(ops: int) -> int:
+    return max(1, min(50, ops // 10))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure_times(
+    url: str,
+    workloads: Sequence[str],
+    configurations: Sequence[str],
+    *,
+    rounds: int,
+    ops: int,
+    repeat: int,
+) -> dict[str, Any]:
+    plan = {
+        workload: [name for name in configurations if name in APPLIES[workload]]
+        for workload in workloads
+    }
+    needed = [name for name in configurations if any(name in p for p in plan.values())]
+    # samples[workload][configuration][round] = the batches of that round
+    samples: dict[str, dict[str, list[list[dict[str, Any]]]]] = {
+        workload: {name: [[] for _ in range(rounds)] for name in names}
+        for workload, names in plan.items()
+    }
+    started = time.monotonic()
+    with workers(needed, url) as pool:
+        for round_number in range(rounds):
+            for workload, names in plan.items():
+                count = _ops(workload, ops)
+                for batch in range(repeat):
+                    shift = (round_number * repeat + batch) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        samples[workload][name][round_number].append(
+                            pool[name].ask(
+                                "time",
+                                workload=workload,
+                                ops=count,
+                                warmup=_warmup(count),
+                            )
+                        )
+            _progress(
+                f"  round {round_number + 1}/{rounds} done "
+                f"({time.monotonic() - started:.0f} s)"
+            )
+    results: dict[str, Any] = {}
+    for workload, by_name in samples.items():
+        # Other load on the machine only ever adds time: the fastest batch of
+        # a round is that round's best estimate.
+        best = {
+            name: [min(batch["us_per_op"] for batch in batches) for batches in runs]
+            for name, runs in by_name.items()
+        }
+        baseline = best["baseline"]
+        entry: dict[str, Any] = {
+            "description": WORKLOADS[workload].description,
+            "ops": _ops(workload, ops),
+            "batches_per_round": repeat,
+            "configurations": {},
+        }
+        for name, runs in by_name.items():
+            times = best[name]
+            batches = [batch for batches in runs for batch in batches]
+            ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+            guard_per_op: dict[str, float] = {}
+            for key in batches[0]["guard_per_op"]:
+                guard_per_op[key] = statistics.fmean(
+                    batch["guard_per_op"][key] for batch in batches
+                )
+            entry["configurations"][name] = {
+                "batches_us_per_op": [
+                    [batch["us_per_op"] for batch in round_batches]
+                    for round_batches in runs
+                ],
+                "us_per_op": times,
+                "ratios": ratios,
+                "median_us_per_op": statistics.median(times),
+                "median_ratio": statistics.median(ratios),
+                "median_extra_us": statistics.median(
+                    t - b for t, b in zip(times, baseline, strict=True)
+                ),
+                "min_ratio": min(ratios),
+                "max_ratio": max(ratios),
+                "guard_per_op": guard_per_op,
+            }
+        results[workload] = entry
+    return results
+
+
+def measure_memory(
+    url: str, configurations: Sequence[str], statements: int
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in configurations:
+        if name not in APPLIES[MEMORY]:
+            continue
+        _progress(f"  memory: {name}, {statements} statements")
+        # A fresh process each: growth is measured from a known state.
+        with workers([name], url) as pool:
+            results[name] = pool[name].ask(
+                "memory", statements=statements, warmup=MEMORY_WARMUP
+            )
+    return results
+
+
+def measure_calls(
+    url: str, workloads: Sequence[str], configurations: Sequence[str], ops: int
+) -> dict[str, Any]:
+    results: dict[str, Any] = {workload: {} for workload in workloads}
+    for name in configurations:
+        _progress(f"  calls: {name}")
+        with workers([name], url) as pool:
+            for workload in workloads:
+                if name in APPLIES[workload]:
+                    count = _ops(workload, ops)
+                    results[workload][name] = pool[name].ask(
+                        "calls", workload=workload, ops=count, warmup=_warmup(count)
+                    )
+    return results
+
+
+# -- reading results
+
+
+class DatabaseResults:
+    """The measurements of one database, as targets.py reads them."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    @property
+    def dialect(self) -> str:
+        dialect: str = self.data["dialect"]
+        return dialect
+
+    def ratio(self, workload: str, configuration: str) -> float | None:
+        entry = self.data.get("times", {}).get(workload)
+        if entry is None or configuration not in entry["configurations"]:
+            return None
+        ratio: float = entry["configurations"][configuration]["median_ratio"]
+        return ratio
+
+    def memory_growth(self, configuration: str, statements: int) -> float | None:
+        entry = self.data.get("memory", {}).get(configuration)
+        if entry is None or entry["statements"] < statements:
+            return None
+        growth: float = entry["growth_bytes"]
+        return growth
+
+
+def evaluate(databases: Sequence[DatabaseResults]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for target in TARGETS:
+        applicable = [db for db in databases if target.dialect in (None, db.dialect)]
+        if not applicable:
+            rows.append(_row(target, target.dialect or "any", None, None))
+        for db in applicable:
+            rows.append(
+                _row(target, db.data["label"], target.measured(db), target.limit(db))
+            )
+    return rows
+
+
+def _row(
+    target: Target, database: str, measured: float | None, limit: float | None
+) -> dict[str, Any]:
+    return {
+        "target": target.text,
+        "database": database,
+        "unit": target.unit,
+        "measured": measured,
+        "limit": limit,
+        "verdict": target.verdict(measured, limit),
+    }
+
+
+# -- printing
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def _number(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "bytes":
+        return f"{value / 1000:,.0f} kB"
+    return f"{value:.3f}" if unit != "ratio" else f"{value:.2f}"
+
+
+def print_times(data: dict[str, Any], configurations: Sequence[str]) -> None:
+    times: dict[str, Any] = data["times"]
+    workloads = [w for w in times if not w.endswith("-10k")]
+    if workloads:
+        header = ["configuration", *(f"{w} ({times[w]['ops']} ops)" for w in workloads)]
+        rows = []
+        for name in configurations:
+            cells = [name]
+            for workload in workloads:
+                entry = times[workload]["configurations"].get(name)
+                if entry is None:
+                    cells.append("—")
+                elif name == "baseline":
+                    cells.append(f"1.00 ({entry['median_us_per_op']:.0f} µs)")
+                else:
+                    cells.append(
+                        f"{entry['median_ratio']:.2f} "
+                        f"({entry['min_ratio']:.2f}-{entry['max_ratio']:.2f})"
+                    )
+            rows.append(cells)
+        print(_table(header, rows))
+        print()
+        print("What the guard did per operation:")
+        print("(statements / identity-map hits / objects verified)")
+        guard_rows = []
+        for name in configurations:
+            cells = [name]
+            for workload in workloads:
+                entry = times[workload]["configurations"].get(name)
+                per_op = entry["guard_per_op"] if entry else {}
+                cells.append(
+                    " / ".join(
+                        f"{per_op[k]:.2f}"
+                        for k in ("statements", "identity_map_hits", "verified_objects")
+                    )
+                    if per_op
+                    else "—"
+                )
+            if any(cell != "—" for cell in cells[1:]):
+                guard_rows.append(cells)
+        print(_table(["configuration", *workloads], guard_rows))
+        print()
+    if any(w.endswith("-10k") for w in times):
+        print_size(times)
+
+
+def print_size(times: dict[str, Any]) -> None:
+    """Ratios (and added µs) with 10 and with 10,000 objects held, and drift."""
+    print("Identity-map size: 10 vs 10,000 objects held (ratio, added µs/op):")
+    large = [w for w in times if w.endswith("-10k")]
+    header = ["configuration"]
+    for workload in large:
+        header += [f"{workload.removesuffix('-10k')} (10 held)", workload, "drift"]
+    rows = []
+    for name in APPLIES["W1-10k"]:
+        cells = [name]
+        for workload in large:
+            pair = [
+                times.get(w, {}).get("configurations", {}).get(name)
+                for w in (workload.removesuffix("-10k"), workload)
+            ]
+            if name == "baseline":
+                cells += [_us(entry) for entry in pair] + [""]
+                continue
+            cells += [
+                f"{entry['median_ratio']:.2f} ({entry['median_extra_us']:+.0f} µs)"
+                if entry
+                else "—"
+                for entry in pair
+            ]
+            small, big = pair
+            cells.append(
+                f"{big['median_ratio'] / small['median_ratio'] - 1:+.1%}"
+                if small and big
+                else "—"
+            )
+        rows.append(cells)
+    print(_table(header, rows))
+    print()
+
+
+def _us(entry: dict[str, Any] | None) -> str:
+    return f"{entry['median_us_per_op']:.0f} µs" if entry else "—"
+
+
+def print_memory(data: dict[str, Any]) -> None:
+    memory: dict[str, Any] = data.get("memory", {})
+    if not memory:
+        return
+    print("Memory (tracemalloc growth, one session, objects not held):")
+    rows = [
+        [
+            name,
+            f"{entry['statements']:,}",
+            f"{entry['guard_statements']:,}",
+            f"{entry['growth_bytes'] / 1000:,.1f} kB",
+            entry["top_growth"][0]["where"] if entry["top_growth"] else "",
+        ]
+        for name, entry in memory.items()
+    ]
+    print(
+        _table(
+            ["configuration", "statements", "guarded", "growth", "largest growth at"],
+            rows,
+        )
+    )
+    print()
+
+
+def print_calls(data: dict[str, Any], configurations: Sequence[str]) -> None:
+    calls: dict[str, Any] = data["calls"]
+    header = ["configuration", *calls]
+    rows = []
+    for name in configurations:
+        cells = [name]
+        for entry in calls.values():
+            this, base = entry.get(name), entry.get("baseline")
+            if this is None:
+                cells.append("—")
+            elif base is None or name == "baseline":
+                cells.append(f"{this['calls_per_op']:.0f}")
+            else:
+                cells.append(
+                    f"{this['calls_per_op']:.0f} "
+                    f"({this['calls_per_op'] - base['calls_per_op']:+.0f})"
+                )
+        rows.append(cells)
+    print("Python function calls per operation (difference to baseline):")
+    print(_table(header, rows))
+    print()
+    for workload, entry in calls.items():
+        groups = list(next(iter(entry.values()))["by_package"]) if entry else []
+        rows = [
+            [
+                name,
+                *(f"{entry[name]['by_package'][g]:.0f}" for g in groups),
+                f"{entry[name]['calls_per_op']:.0f}",
+            ]
+            for name in configurations
+            if name in entry
+        ]
+        print(f"{workload}: calls per operation by where the function lives:")
+        print(_table(["configuration", *groups, "total"], rows))
+        print()
+
+
+def print_call_differences(data: dict[str, Any], workload: str, top: int) -> None:
+    """The functions each configuration calls most more often than the baseline."""
+    entry = data["calls"].get(workload, {})
+    base = entry.get("baseline")
+    if base is None:
+        return
+    for name, this in entry.items():
+        if name == "baseline":
+            continue
+        added = sorted(
+            (
+                (calls - base["functions"].get(where, 0.0), where)
+                for where, calls in this["functions"].items()
+            ),
+            reverse=True,
+        )[:top]
+        print(f"{workload}, {name}: most added calls per operation")
+        print(_table(["calls", "function"], [[f"{c:+.1f}", w] for c, w in added]))
+        print()
+
+
+def print_targets(rows: Sequence[dict[str, Any]]) -> None:
+    print("Targets (issue 10):")
+    print(
+        _table(
+            ["target", "database", "measured", "limit", "result"],
+            [
+                [
+                    row["target"],
+                    row["database"],
+                    _number(row["measured"], row["unit"]),
+                    _number(row["limit"], row["unit"]),
+                    row["verdict"],
+                ]
+                for row in rows
+            ],
+        )
+    )
+
+
+# -- command line
+
+
+def _names(value: str, valid: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
+    return names
+
+
+def _label(url: str) -> str:
+    if url == IN_MEMORY_SQLITE:
+        return "sqlite (in memory)"
+    parsed = make_url(url)
+    return f"{parsed.get_backend_name()} ({parsed.host or parsed.database or 'local'})"
+
+
+def _environment() -> dict[str, Any]:
+    import sessionguard
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "sessionguard": sessionguard.__version__,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0] if __doc__ else None
+    )
+    all_workloads = [*WORKLOADS, MEMORY]
+    parser.add_argument(
+        "--database-url",
+        action="append",
+        metavar="URL",
+        help="a database to measure on, repeatable; 'sqlite' (the default) is "
+        "in-memory SQLite with a StaticPool. On any other database the table "
+        "sessionguard_bench_items is dropped and recreated.",
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed batches per configuration and workload in each round, "
+        "interleaved too; the round keeps the fastest",
+    )
+    parser.add_argument(
+        "--ops",
+        type=int,
+        default=400,
+        help="operations per timed batch of W1; other workloads divide it by "
+        "their cost ("
+        + ", ".join(f"{w.name}: {w.cost:g}" for w in WORKLOADS.values() if w.cost != 1)
+        + ")",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=lambda v: _names(v, all_workloads, "workload"),
+        default=all_workloads,
+        help=f"comma list of {', '.join(all_workloads)} (default: all)",
+    )
+    parser.add_argument(
+        "--configs",
+        type=lambda v: _names(v, list(CONFIGURATIONS), "configuration"),
+        default=list(CONFIGURATIONS),
+        help=f"comma list of {', '.join(CONFIGURATIONS)} (default: all; "
+        "baseline always runs)",
+    )
+    parser.add_argument(
+        "--memory-statements",
+        type=int,
+        default=100_000,
+        help="statements of the memory measurement (the target needs 100,000)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--calls", action="store_true", help="count Python calls per operation"
+    )
+    mode.add_argument(
+        "--check", action="store_true", help="evaluate the targets (exit status)"
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="write every number to PATH"
+    )
+    return parser
+
+
+def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, Any]:
+    timed = [w for w in args.workloads if w != MEMORY]
+    report: dict[str, Any] = {
+        "environment": _environment(),
+        "arguments": {
+            "rounds": args.rounds,
+            "repeat": args.repeat,
+            "ops": args.ops,
+            "workloads": args.workloads,
+            "configurations": configurations,
+            "memory_statements": args.memory_statements,
+            "mode": "calls" if args.calls else "check" if args.check else "times",
+        },
+        "databases": [],
+    }
+    for given in args.database_url or ["sqlite"]:
+        url = IN_MEMORY_SQLITE if given == "sqlite" else given
+        engine = create_engine(url)
+        data: dict[str, Any] = {
+            "label": _label(url),
+            "url": make_url(url).render_as_string(hide_password=True),
+            "dialect": engine.dialect.name,
+        }
+        if url != IN_MEMORY_SQLITE:
+            create_data(engine)  # in-memory SQLite: each worker makes its own
+        engine.dispose()
+        _progress(f"{data['label']}:")
+        if args.calls:
+            data["calls"] = measure_calls(url, timed, configurations, args.ops)
+        else:
+            if timed:
+                data["times"] = measure_times(
+                    url,
+                    timed,
+                    configurations,
+                    rounds=args.rounds,
+                    ops=args.ops,
+                    repeat=args.repeat,
+                )
+            if MEMORY in args.workloads:
+                data["memory"] = measure_memory(
+                    url, configurations, args.memory_statements
+                )
+        report["databases"].append(data)
+    report["environment"]["load_average_after"] = os.getloadavg()
+    return report
+
+
+def print_report(
+    report: dict[str, Any], args: argparse.Namespace, configurations: list[str]
+) -> None:
+    env = report["environment"]
+    print(
+        f"sessionguard {env['sessionguard']}, SQLAlchemy {env['sqlalchemy']}, "
+        f"Python {env['python']}, {env['cpus']} CPUs, load average "
+        f"{env['load_average'][0]:.1f} before, "
+        f"{env['load_average_after'][0]:.1f} after"
+    )
+    for data in report["databases"]:
+        print()
+        if args.calls:
+            print(f"## {data['label']}: {args.ops} W1 operations per configuration\n")
+            print_calls(data, configurations)
+            if "W1" in data["calls"]:
+                print_call_differences(data, "W1", top=8)
+            continue
+        print(
+            f"## {data['label']}: {args.rounds} rounds of {args.repeat} batches "
+            "(the fastest kept); median over rounds of the ratio to the same "
+            "round's baseline (min-max), baseline in µs/op\n"
+        )
+        if "times" in data:
+            print_times(data, configurations)
+        print_memory(data)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--statements", type=int, default=2000)
-    parser.add_argument("--database-url", default=None)
-    parser.add_argument("--calls", action="store_true")
-    args = parser.parse_args(argv)
-    # Measure the guard, not a console renderer: drop log events below warning.
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(30),
-        cache_logger_on_first_use=True,
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        url = args.database_url or f"sqlite:///{Path(directory) / 'bench.sqlite'}"
-        engine = _setup(url)
+    args = _parser().parse_args(argv)
+    configurations = [
+        name for name in CONFIGURATIONS if name == "baseline" or name in args.configs
+    ]
+    report = measure(args, configurations)
+    print_report(report, args, configurations)
+    status = 0
+    if args.check:
+        rows = evaluate([DatabaseResults(data) for data in report["databases"]])
+        report["targets"] = rows
+        print_targets(rows)
+        verdicts = [row["verdict"] for row in rows]
+        missed = verdicts.count("FAIL")
+        unmeasured = verdicts.count("not measured")
         print(
-            f"sessionguard overhead on {engine.dialect.name}, "
-            f"median of {args.repeat} runs; times per operation"
+            f"\n{len(rows) - missed - unmeasured} met, {missed} missed, "
+            f"{unmeasured} not measured"
         )
-        for workload_name, (workload, divisor) in WORKLOADS.items():
-            ops = max(1, args.statements // divisor)
-            print(f"\n{workload_name} ({ops} operations)")
-            unit = "calls/op" if args.calls else "us/op"
-            print(f"  {'configuration':26} {unit:>9} {'+' + unit:>9} {'ratio':>7}")
-            if args.calls:
-                baseline_calls = _calls(engine, workload, ops, None)
-                for config_name, config in CONFIGS.items():
-                    per_op = _calls(engine, workload, ops, config)
-                    print(
-                        f"  {config_name:26} {per_op:9.1f} "
-                        f"{per_op - baseline_calls:+9.1f} "
-                        f"{per_op / baseline_calls:7.2f}x"
-                    )
-                continue
-            # Configurations take turns within each round, so that a burst of
-            # load on the machine hits them all alike.
-            times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-            for _ in range(args.repeat):
-                for config_name, config in CONFIGS.items():
-                    times[config_name].append(_measure(engine, workload, ops, config))
-            baseline = statistics.median(times["baseline (no guard)"]) / ops * 1e6
-            for config_name in CONFIGS:
-                per_op = statistics.median(times[config_name]) / ops * 1e6
-                extra, ratio = per_op - baseline, per_op / baseline
-                target = TARGETS.get((workload_name, config_name))
-                verdict = ""
-                if target is not None:
-                    promise, check = target
-                    met = "met" if check(extra, ratio) else "MISSED"
-                    verdict = f"  target {promise}: {met}"
-                print(
-                    f"  {config_name:26} {per_op:9.1f} {extra:+9.1f} "
-                    f"{ratio:7.2f}x{verdict}"
-                )
-        engine.dispose()
-    return 0
+        status = 1 if missed else 3 if unmeasured else 0
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""
+The configurations a benchmark worker can run, and the logging every worker
+shares.
+
+Each configuration is installed once in its own worker process, on that
+worker's engine, before anything is timed; ``Installed.after_batch`` runs
+between timed batches (never inside one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from workloads import Check, HandCheck
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import Engine
+
+    from sessionguard import Guard
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    name: str
+    description: str
+    install: Callable[[Engine], Installed]
+
+
+@dataclasses.dataclass
+class Installed:
+    check: Check | None = None
+    guard: Guard | None = None
+    after_batch: Callable[[], None] = lambda: None
+
+
+def configure_logging() -> None:
+    """
+    The same structlog setup in every worker, so that logging costs alike
+    everywhere: a production-style JSON chain behind a level filter at INFO,
+    loggers cached on first use, written to the null device.
+    """
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(
+            file=open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the worker
+        ),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _baseline(engine: Engine) -> Installed:
+    return Installed()
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+_FLOOR_EVENTS = (
+    "after_begin",
+    "after_commit",
+    "after_rollback",
+    "after_transaction_end",
+    "do_orm_execute",
+)
+
+
+def _floor(engine: Engine) -> Installed:
+    for name in _FLOOR_EVENTS:
+        event.listen(Session, name, _no_op)
+    return Installed()
+
+
+def _check_floor(engine: Engine) -> Installed:
+    return Installed(check=HandCheck(engine.dialect.name))
+
+
+def _guard(sample_rate: float, sdk: bool) -> Callable[[Engine], Installed]:
+    def install(engine: Engine) -> Installed:
+        from sessionguard import install_guard
+
+        if not sdk:
+            guard = install_guard(engine, sample_rate=sample_rate)
+            return Installed(guard=guard)
+        tracer_provider, meter_provider, after_batch = _sdk()
+        guard = install_guard(
+            engine,
+            sample_rate=sample_rate,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
+        return Installed(guard=guard, after_batch=after_batch)
+
+    return install
+
+
+def _otel_sqlalchemy(engine: Engine) -> Installed:
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    tracer_provider, meter_provider, after_batch = _sdk()
+    # The instrumentation declares sqlalchemy < 2.1 and refuses 2.1 without this.
+    SQLAlchemyInstrumentor().instrument(
+        engine=engine,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        skip_dep_check=True,
+    )
+    return Installed(after_batch=after_batch)
+
+
+def _sdk() -> tuple[Any, Any, Callable[[], None]]:
+    """
+    The OpenTelemetry SDK as a service would run it, exporting to memory:
+    (tracer provider, meter provider, what to do between batches). The
+    providers are passed in, never set as the globals.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+
+    def after_batch() -> None:
+        # Export what is queued and drop it, so that finished spans do not
+        # pile up in memory from batch to batch.
+        tracer_provider.force_flush()
+        exporter.clear()
+
+    return tracer_provider, meter_provider, after_batch
+
+
+CONFIGURATIONS: dict[str, Configuration] = {
+    configuration.name: configuration
+    for configuration in (
+        Configuration("baseline", "no guard", _baseline),
+        Configuration(
+            "floor",
+            "no-op listeners on Session " + ", ".join(_FLOOR_EVENTS),
+            _floor,
+        ),
+        Configuration(
+            "check-floor",
+            "no guard; the guard's verification SELECT run by hand for each "
+            "identity-map hit",
+            _check_floor,
+        ),
+        Configuration(
+            "guard-0",
+            "install_guard(engine, sample_rate=0.0), no SDK",
+            _guard(0.0, False),
+        ),
+        Configuration(
+            "guard-1pct-sdk",
+            "install_guard(engine, sample_rate=0.01) with the OpenTelemetry SDK",
+            _guard(0.01, True),
+        ),
+        Configuration(
+            "guard-100",
+            "install_guard(engine, sample_rate=1.0), no SDK",
+            _guard(1.0, False),
+        ),
+        Configuration(
+            "otel-sqlalchemy",
+            "opentelemetry-instrumentation-sqlalchemy on the engine, same SDK",
+            _otel_sqlalchemy,
+        ),
+    )
+}

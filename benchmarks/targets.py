@@ -1,0 +1,146 @@
+"""
+The targets of issue 10, in one place. ``run.py --check`` evaluates them.
+
+Ratios are medians over rounds of (time of the configuration / time of the
+baseline in the same round). A target names the database dialect it holds
+for; ``None`` means every database measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Measured(Protocol):
+    """What the targets read, for one database; ``None`` when not measured."""
+
+    def ratio(self, workload: str, configuration: str) -> float | None: ...
+
+    def memory_growth(self, configuration: str, statements: int) -> float | None:
+        """Growth in bytes, if measured over at least *statements* statements."""
+
+
+Reading = Callable[[Measured], "float | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    text: str
+    dialect: str | None
+    measured: Reading
+    limit: Reading
+    strict: bool = False
+    """``measured < limit``; otherwise ``measured <= limit``."""
+    unit: str = "ratio"
+
+    def verdict(self, measured: float | None, limit: float | None) -> str:
+        if measured is None or limit is None:
+            return "not measured"
+        met = measured < limit if self.strict else measured <= limit
+        return "pass" if met else "FAIL"
+
+
+def _ratio(workload: str, configuration: str) -> Reading:
+    return lambda m: m.ratio(workload, configuration)
+
+
+def _constant(value: float) -> Reading:
+    return lambda m: value
+
+
+def _plus(reading: Reading, margin: float) -> Reading:
+    def limit(m: Measured) -> float | None:
+        value = reading(m)
+        return None if value is None else value + margin
+
+    return limit
+
+
+def _size_drift(configuration: str) -> Reading:
+    """|ratio with 10,000 objects held / ratio with 10 - 1|, for W1."""
+
+    def drift(m: Measured) -> float | None:
+        large = m.ratio("W1-10k", configuration)
+        small = m.ratio("W1", configuration)
+        if large is None or small is None:
+            return None
+        return abs(large / small - 1.0)
+
+    return drift
+
+
+MEGABYTE = 1_000_000
+MEMORY_STATEMENTS = 100_000
+"""A memory measurement of fewer statements does not count for the target."""
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "W1 guard-0 <= floor + 0.05",
+        "sqlite",
+        _ratio("W1", "guard-0"),
+        _plus(_ratio("W1", "floor"), 0.05),
+    ),
+    Target(
+        "W3 guard-0 <= floor + 0.05",
+        "sqlite",
+        _ratio("W3", "guard-0"),
+        _plus(_ratio("W3", "floor"), 0.05),
+    ),
+    Target(
+        "W1 guard-1pct-sdk <= 1.30",
+        "sqlite",
+        _ratio("W1", "guard-1pct-sdk"),
+        _constant(1.30),
+    ),
+    Target(
+        "W3 guard-1pct-sdk <= 1.15",
+        "sqlite",
+        _ratio("W3", "guard-1pct-sdk"),
+        _constant(1.15),
+    ),
+    *(
+        Target(
+            f"{workload} guard-1pct-sdk < otel-sqlalchemy",
+            "sqlite",
+            _ratio(workload, "guard-1pct-sdk"),
+            _ratio(workload, "otel-sqlalchemy"),
+            strict=True,
+        )
+        for workload in ("W1", "W2", "W3")
+    ),
+    Target(
+        "W1 guard-100 <= 1.20", "sqlite", _ratio("W1", "guard-100"), _constant(1.20)
+    ),
+    Target(
+        "W3 guard-100 <= 1.25", "sqlite", _ratio("W3", "guard-100"), _constant(1.25)
+    ),
+    Target(
+        "W2 guard-100 <= 1.80", "sqlite", _ratio("W2", "guard-100"), _constant(1.80)
+    ),
+    Target(
+        "W1 guard-1pct-sdk <= 1.05",
+        "postgresql",
+        _ratio("W1", "guard-1pct-sdk"),
+        _constant(1.05),
+    ),
+    *(
+        Target(
+            f"W1 {configuration}: 10,000 vs 10 objects held, ratios within 5 %",
+            None,
+            _size_drift(configuration),
+            _constant(0.05),
+            unit="|r10k/r10 - 1|",
+        )
+        for configuration in ("guard-0", "guard-100")
+    ),
+    Target(
+        "memory: 100,000 statements, guard-100, growth < 1 MB",
+        None,
+        lambda m: m.memory_growth("guard-100", MEMORY_STATEMENTS),
+        _constant(MEGABYTE),
+        strict=True,
+        unit="bytes",
+    ),
+)
