@@ -91,6 +91,24 @@ class _Counters:
         with self.lock:
             self.values[name] += amount
 
+    def begun(self, identity_map_size: int) -> None:
+        """A transaction began (one lock for both counters)."""
+        with self.lock:
+            values = self.values
+            values["transactions"] += 1
+            values["max_identity_map_size"] = max(
+                values["max_identity_map_size"], identity_map_size
+            )
+
+    def ended(self, outcome: str, identity_map_size: int) -> None:
+        """A transaction ended with *outcome* (``commit`` or ``rollback``)."""
+        with self.lock:
+            values = self.values
+            values["commits" if outcome == "commit" else "rollbacks"] += 1
+            values["max_identity_map_size"] = max(
+                values["max_identity_map_size"], identity_map_size
+            )
+
     def high_water(self, name: str, value: int) -> None:
         with self.lock:
             self.values[name] = max(self.values[name], value)
@@ -215,6 +233,11 @@ class GuardCore:
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
         self._logged_errors: set[tuple[str, str]] = set()
+        # db.system.name by dialect (is_mariadb is only known once connected,
+        # and a dialect connects before its first transaction begins).
+        self._system_names: weakref.WeakKeyDictionary[Any, str] = (
+            weakref.WeakKeyDictionary()
+        )
         # Engines with the guard's Core listeners (writes, threads).
         self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         # Who installed the guard on everyone's behalf (the pytest plugin):
@@ -237,6 +260,13 @@ class GuardCore:
         if state is None:
             state = self._sessions.setdefault(session, SessionState())
         return state
+
+    def _system_name(self, dialect: Any) -> str:
+        """db.system.name of *dialect*, computed once per dialect."""
+        system = self._system_names.get(dialect)
+        if system is None:
+            system = self._system_names[dialect] = db_system_name(dialect)
+        return system
 
     def _on_engine(self, bind: Engine | Connection) -> bool:
         return bind.engine is self._target.engine

@@ -8,10 +8,8 @@ from typing import TYPE_CHECKING
 
 from ._connection_listeners import ConnectionListeners
 from ._core import SessionState, fail_open
-from ._telemetry import db_system_name
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session, SessionTransaction
 
@@ -40,26 +38,20 @@ class TransactionListeners(ConnectionListeners):
         state.cross_thread_reported = False
         state.stale_reads = 0
         state.reported_writes.clear()
-        state.system = db_system_name(connection.dialect)
+        state.system = self._system_name(connection.dialect)
         state.namespace = connection.engine.url.database
         size = len(session.identity_map)
         state.identity_map = session.identity_map
         state.max_identity_map_size = size
-        self._counters.add("transactions")
-        self._counters.high_water("max_identity_map_size", size)
-        span = self._telemetry.transaction_begun(session.hash_key, size)
-        state.span = span
-        # A session dropped in the middle of a transaction fires no event:
-        # end its span (and count it) when it is collected.
-        state.finalizer = weakref.finalize(
-            session,
-            self._abandoned,
-            span,
-            session.hash_key,
-            state.began_at,
-            state.system,
-            state.namespace,
-        )
+        self._counters.begun(size)
+        state.span = self._telemetry.transaction_begun(session.hash_key, size)
+        if state.finalizer is None:
+            # A session dropped in the middle of a transaction fires no event:
+            # end its span (and count it) when it is collected. One finalizer
+            # per session, not per transaction: it looks at the state then.
+            state.finalizer = weakref.finalize(
+                session, self._abandoned, state, session.hash_key
+            )
         self._connections[connection] = weakref.ref(session)
         self._watch_engine(connection.engine)
         self._check_request(session, state)
@@ -108,17 +100,13 @@ class TransactionListeners(ConnectionListeners):
     def _finish(self, session: Session, state: SessionState, outcome: str) -> None:
         state.transaction = None
         state.inside.clear()
-        if state.finalizer is not None:
-            state.finalizer.detach()
-            state.finalizer = None
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
         size = max(len(session.identity_map), state.max_identity_map_size)
         held, state.identity_map = state.identity_map, None
         if held is not None and held is not session.identity_map:
             size = max(size, len(held))
-        self._counters.add("commits" if outcome == "commit" else "rollbacks")
-        self._counters.high_water("max_identity_map_size", size)
+        self._counters.ended(outcome, size)
         span, state.span = state.span, None
         self._telemetry.transaction_ended(
             span,
@@ -132,26 +120,21 @@ class TransactionListeners(ConnectionListeners):
             stale_reads=state.stale_reads,
         )
 
-    def _abandoned(
-        self,
-        span: Span,
-        session_id: int,
-        began_at: float,
-        system: str,
-        namespace: str | None,
-    ) -> None:
-        """A session was garbage-collected inside a transaction."""
-        if not self._installed:
+    def _abandoned(self, state: SessionState, session_id: int) -> None:
+        """A session was garbage-collected; end its transaction if one was open."""
+        if not self._installed or state.transaction is None:
             return
-        self._counters.add("rollbacks")
+        state.transaction = None
+        span, state.span = state.span, None
+        self._counters.ended("rollback", 0)
         self._telemetry.transaction_ended(
             span,
             session_id=session_id,
             outcome="rollback",
             identity_map_size=0,
             statements=0,
-            duration_s=time.perf_counter() - began_at,
-            system=system,
-            namespace=namespace,
+            duration_s=time.perf_counter() - state.began_at,
+            system=state.system,
+            namespace=state.namespace,
             stale_reads=0,
         )
