@@ -111,6 +111,7 @@ def _install_db(
                 str(install_db),
                 "--no-defaults",
                 f"--datadir={datadir}",
+                f"--tmpdir={workdir / 'tmp'}",
                 *user,
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
@@ -184,6 +185,7 @@ def _start(
             str(server),
             "--no-defaults",
             f"--datadir={datadir}",
+            f"--tmpdir={workdir / 'tmp'}",
             f"--socket={sock}",
             f"--pid-file={workdir / 'mysqld.pid'}",
             f"--log-error={logfile}",
@@ -252,6 +254,12 @@ def throwaway_mariadb() -> Iterator[str]:
     server, install_db = found
     workdir, user = _make_workdir()
     datadir = workdir / "data"
+    # Temporary tables in a directory of this server's own, not the shared
+    # /tmp (mariadb-install-db failed there now and then: "Error on delete of
+    # '/tmp/#sql-temptable-...'").
+    (workdir / "tmp").mkdir()
+    if user:
+        shutil.chown(workdir / "tmp", _OS_USER_WHEN_ROOT, _OS_USER_WHEN_ROOT)
     try:
         _install_db(install_db, workdir, datadir, user)
         process, port = _start(server, workdir, datadir, user)

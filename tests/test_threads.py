@@ -238,12 +238,24 @@ def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
     inside = threading.Barrier(2, timeout=10)
     waiting = threading.local()
 
+    # Once both are inside, the statements themselves run one at a time: a
+    # DBAPI connection used by two threads at once may break (PyMySQL does).
+    one_at_a_time = threading.Lock()
+
     @event.listens_for(engine, "before_cursor_execute")
     def meet(*args: Any) -> None:
         # Both threads are inside a statement when they pass the barrier.
         if getattr(waiting, "armed", False):
             waiting.armed = False
             inside.wait()
+            one_at_a_time.acquire()
+            waiting.holding = True
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def leave(*args: Any) -> None:
+        if getattr(waiting, "holding", False):
+            waiting.holding = False
+            one_at_a_time.release()
 
     errors: list[BaseException] = []
 
@@ -261,6 +273,7 @@ def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
     for worker in workers:
         worker.join()
     event.remove(engine, "before_cursor_execute", meet)
+    event.remove(engine, "after_cursor_execute", leave)
     session.rollback()
     session.close()
     assert errors == []
