@@ -99,6 +99,16 @@ def caller_frames(depth: int = 1) -> Iterator[FrameType]:
         frame = current.gr_frame
 
 
+def _generated_by_sqlalchemy(frame: FrameType) -> bool:
+    # SQLAlchemy 2.0 compiles its decorator wrappers (deprecation warners
+    # such as Query.get's) as "<string>", in globals named for the module of
+    # the function they wrap.
+    module = frame.f_globals.get("__name__")
+    return isinstance(module, str) and (
+        module == "sqlalchemy" or module.startswith("sqlalchemy.")
+    )
+
+
 def user_location() -> str | None:
     """
     ``file:line`` of the first frame of the user's own code.
@@ -109,6 +119,8 @@ def user_location() -> str | None:
     fallback = None
     for frame in caller_frames(1):
         filename = frame.f_code.co_filename
+        if filename.startswith("<") and _generated_by_sqlalchemy(frame):
+            continue
         if is_user_file(filename):
             return f"{filename}:{frame.f_lineno}"
         if (
