@@ -29,6 +29,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_OFF, SQL_OK
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._findings import REDACTED, AttributeDiff, StaleRead
+from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -666,6 +667,9 @@ class _Hooks:
 
 _hooks = _Hooks()
 _END = object()
+# What a guard raises on purpose through a hook: on_stale="raise", and
+# on_stale="warn" under warnings turned into errors. Everything else fails open.
+_ASKED_FOR = (StaleReadError, Warning)
 
 
 def _guarded_instances(cursor: Any, context: Any) -> Any:
@@ -683,6 +687,8 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
         return original(cursor, context)
     try:
         interested = _statement_observers(cursor, context, observers)
+    except _ASKED_FOR:
+        raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("orm statement", error)
         interested = None
@@ -697,6 +703,8 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
         _context_frames.pop(key, None)
     try:
         _watch_chunks(result, context, frame, interested)
+    except _ASKED_FOR:
+        raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("orm statement", error)
     return result
@@ -789,6 +797,8 @@ def _report_hits(
 ) -> None:
     try:
         hits = hits_in_rows(rows, scalars, frame, statement, runid)
+    except _ASKED_FOR:
+        raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("orm statement", error)
         return
@@ -806,6 +816,8 @@ def _guarded_identity_lookup(
         return original(self, mapper, *args, **kwargs)
     try:
         interested = _lookup_observers(self, mapper, args, kwargs)
+    except _ASKED_FOR:
+        raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("identity lookup", error)
         interested = None
@@ -816,6 +828,8 @@ def _guarded_identity_lookup(
     try:
         state = getattr(instance, "_sa_instance_state", None)
         hit = hit_after_lookup(state, frame) if state is not None else None
+    except _ASKED_FOR:
+        raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("identity lookup", error)
         return instance

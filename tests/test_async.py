@@ -186,3 +186,34 @@ def test_async_finding_location_names_user_code(db, seed):
     assert [finding.location for finding in guard.findings] == [
         f"{__file__}:{line}" for line in lines
     ]
+
+
+def test_async_scalars_stale_read_raises_at_the_await(db, seed):
+    """on_stale="raise": the StaleReadError reaches the await of the read, not a log line."""
+    from sessionguard import StaleReadError
+
+    seed(db)
+
+    async def scenario() -> tuple[Guard, BaseException | None]:
+        engine = db.async_engine()
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+        async with maker() as session:
+            user = await session.get(User, 1)
+            await session.commit()
+            _rename_user(db, "bob")
+            # Without a guard: the stale value, silently.
+            [again] = (await session.scalars(select(User))).all()
+            assert again is user and again.name == "alice"
+            guard = install_guard(engine, on_stale="raise")
+            raised = None
+            try:
+                await session.scalars(select(User))
+            except StaleReadError as error:
+                raised = error
+        await engine.dispose()
+        return guard, raised
+
+    guard, raised = asyncio.run(scenario())
+    assert isinstance(raised, StaleReadError)
+    assert raised.finding is _only_stale_read(guard)
+    assert guard.stats().internal_errors == 0
