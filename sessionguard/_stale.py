@@ -743,19 +743,23 @@ def _watch_chunks(
     statement = context.query
     runid = context.runid
     key = id(context)
+
+    def report(rows: Any) -> None:
+        _report_hits(
+            session,
+            rows,
+            observers,
+            scalars=scalars,
+            frame=frame,
+            statement=statement,
+            runid=runid,
+        )
+
     if context.execution_options.get("prebuffer_rows", False):
         # The objects are made already (AsyncSession asks for this, and the
         # rows are then read outside the greenlet): check them now.
         for rows in source_chunks(None):
-            _report_hits(
-                session,
-                rows,
-                observers,
-                scalars=scalars,
-                frame=frame,
-                statement=statement,
-                runid=runid,
-            )
+            report(rows)
         return
 
     def chunks(size: int | None) -> Iterator[Any]:
@@ -768,15 +772,7 @@ def _watch_chunks(
                 _context_frames.pop(key, None)
             if rows is _END:
                 return
-            _report_hits(
-                session,
-                rows,
-                observers,
-                scalars=scalars,
-                frame=frame,
-                statement=statement,
-                runid=runid,
-            )
+            report(rows)
             yield rows
 
     result.chunks = chunks

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from ._servers import private_workdir
 
 __all__ = [
     "DATABASE_NAME",
@@ -82,23 +82,10 @@ def _log_tail(logfile: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 def _make_workdir() -> tuple[Path, list[str]]:
     """A private temp dir the server can own, and its --user argument."""
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam(_OS_USER_WHEN_ROOT)
-        except KeyError:
-            raise MariaDBUnavailable(
-                f"running as root but there is no {_OS_USER_WHEN_ROOT!r} OS user "
-                "to run the server as (mariadbd refuses to run as root)"
-            ) from None
-        # /tmp is world-traversable; $TMPDIR (e.g. under /root) may not be.
-        path = Path(tempfile.mkdtemp(prefix="sg-maria-", dir="/tmp"))
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-        user = [f"--user={_OS_USER_WHEN_ROOT}"]
-    else:
-        path = Path(tempfile.mkdtemp(prefix="sg-maria-"))
-        user = []
-    os.chmod(path, 0o700)
-    return path, user
+    path, as_user = private_workdir(
+        "sg-maria-", _OS_USER_WHEN_ROOT, MariaDBUnavailable, "mariadbd"
+    )
+    return path, [f"--user={_OS_USER_WHEN_ROOT}"] if as_user else []
 
 
 def _install_db(

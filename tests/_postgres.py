@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from ._servers import private_workdir
 
 __all__ = [
     "DATABASE_NAME",
@@ -200,20 +200,9 @@ class _Runner:
 
 
 def _make_workdir() -> Path:
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam(_OS_USER_WHEN_ROOT)
-        except KeyError:
-            raise PostgresUnavailable(
-                f"running as root but there is no {_OS_USER_WHEN_ROOT!r} OS user "
-                "to run the server as (initdb refuses to run as root)"
-            ) from None
-        # /tmp is world-traversable; $TMPDIR (e.g. under /root) may not be.
-        path = Path(tempfile.mkdtemp(prefix="sg-pg-", dir="/tmp"))
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-    else:
-        path = Path(tempfile.mkdtemp(prefix="sg-pg-"))
-    os.chmod(path, 0o700)
+    path, _ = private_workdir(
+        "sg-pg-", _OS_USER_WHEN_ROOT, PostgresUnavailable, "initdb"
+    )
     return path
 
 
