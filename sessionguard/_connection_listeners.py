@@ -7,14 +7,15 @@ connection at once (``cross_thread``).
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import event
 from sqlalchemy.sql.elements import TextClause
 
-from . import _writes
+from . import _session_hooks, _writes
 from ._context import current_request
-from ._core import GuardCore, SessionState, fail_open, installed_lock
+from ._core import GuardCore, fail_open, installed_lock
 from ._findings import (
     CrossThread,
     UnsynchronizedWrite,
@@ -22,8 +23,9 @@ from ._findings import (
 from ._location import user_location as _user_location
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
 __all__ = ["ConnectionListeners"]
@@ -43,82 +45,75 @@ def _run_by_session(execution_options: Mapping[str, Any]) -> bool:
     )
 
 
-class ConnectionListeners(GuardCore):
-    """Listeners on an engine's connections, registered per engine."""
+class ConnectionListeners(GuardCore, _session_hooks.SessionObserver):
+    """Listeners on the connections user code gets from a guarded session."""
 
-    def _watch_engine(self, engine: Engine) -> None:
+    def _watch_connection(self, connection: Connection, session: Session) -> None:
         """
-        Listen on *engine* for writes that bypass the session and for two
-        threads inside one session's connection at once.
+        Listen on *connection*, which user code holds, for writes that bypass
+        the session and for a thread executing on it while another is inside
+        the session.
 
-        Per engine, as sessions first use it, rather than on the Engine class:
-        a class-level listener makes every connection of every engine in the
-        process take SQLAlchemy's event path. A Connection checks its engine's
-        listeners at each execution, so one already open sees them too.
+        Per connection, and only for one handed out (``session.connection()``,
+        a session bound to a Connection): a listener on the engine, or on the
+        Engine class, would put every connection of the engine on
+        SQLAlchemy's event path, the costliest part of listening at all.
         """
-        if engine in self._watched_engines or not isinstance(engine, Engine):
-            return  # (a test double standing in for an engine has no events)
+        self._connections[connection] = weakref.ref(session)
+        if connection in self._watched_connections:
+            return
         with installed_lock:
-            if engine in self._watched_engines or not self._installed:
+            if connection in self._watched_connections or not self._installed:
                 return
-            self._watched_engines.add(engine)
-            if self._detect:
-                self._listen(engine, "before_execute", self._before_core_execute)
-            self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
-            self._listen(engine, "after_cursor_execute", self._leave_connection)
-            self._listen(engine, "handle_error", self._statement_failed)
+            self._watched_connections.add(connection)
+            # Not in self._listeners: connections come and go by the thousand.
+            # uninstall() walks the live ones in _watched_connections.
+            for identifier, function in self._connection_listeners():
+                event.listen(connection, identifier, function)
+            dialect = connection.dialect
+            if dialect not in self._watched_dialects:
+                # handle_error is the dialect's (SQLAlchemy refuses it per
+                # connection); it only costs when a statement fails.
+                self._watched_dialects.add(dialect)
+                self._listen(dialect, "handle_error", self._statement_failed)
 
-    def _inside_state(self, connection: Connection | None) -> SessionState | None:
-        session_ref = self._connections.get(connection) if connection else None
-        session = session_ref() if session_ref is not None else None
-        if session is None:
-            return None
-        state = self._sessions.get(session)
-        if state is None or state.transaction is None:
-            return None
-        return state
-
-    def _enter_connection(self, connection: Connection, state: SessionState) -> None:
-        # Only a statement overlapping another thread's is a finding: a
-        # session handed from thread to thread (TestClient's portal, a
-        # worker pool) is used by one thread at a time, which is fine.
-        me = threading.get_ident()
-        inside = state.inside
-        depth, thread = inside.get(me, (0, None))
-        inside[me] = (depth + 1, thread or threading.current_thread())
-        if len(inside) > 1 and not state.cross_thread_reported:
-            state.cross_thread_reported = True
-            session_ref = self._connections.get(connection)
-            session = session_ref() if session_ref is not None else None
-            others = [t for ident, (_, t) in list(inside.items()) if ident != me]
-            if session is not None and others:
-                self._cross_thread(session, others[0])
+    def _connection_listeners(self) -> list[tuple[str, Callable[..., Any]]]:
+        listeners: list[tuple[str, Callable[..., Any]]] = [
+            ("before_cursor_execute", self._before_cursor_execute),
+            ("after_cursor_execute", self._leave_connection),
+        ]
+        if self._detect:
+            listeners.append(("before_execute", self._before_core_execute))
+        return listeners
 
     @fail_open
-    def _leave_connection(self, connection: Connection, *args: Any) -> None:
-        state = self._inside_state(connection)
-        if state is not None:
-            self._leave(state)
+    def connection_handed_out(self, session: Session, connection: Connection) -> None:
+        state = self._sessions.get(session.hash_key)
+        if state is None or state.transaction is None:
+            return  # not a session this guard tracks a transaction of
+        if self._engine_scoped and not self._on_engine(connection):
+            return
+        self._watch_connection(connection, session)
+
+    @fail_open
+    def threads_overlap(self, session: Session, first_thread: str) -> None:
+        state = self._sessions.get(session.hash_key)
+        if state is None or state.transaction is None or state.cross_thread_reported:
+            return
+        state.cross_thread_reported = True
+        self._cross_thread(session, first_thread)
+
+    @fail_open
+    def _leave_connection(self, connection: Connection | None, *args: Any) -> None:
+        session = self._session_for_connection(connection)
+        if session is not None:
+            _session_hooks.leave(session)
 
     @fail_open
     def _statement_failed(self, context: Any) -> None:
-        state = self._inside_state(getattr(context, "connection", None))
-        if state is not None:
-            self._leave(state)
+        self._leave_connection(getattr(context, "connection", None))
 
-    @staticmethod
-    def _leave(state: SessionState) -> None:
-        me = threading.get_ident()
-        entry = state.inside.get(me)
-        if entry is None:
-            return
-        depth, thread = entry
-        if depth > 1:
-            state.inside[me] = (depth - 1, thread)
-        else:
-            state.inside.pop(me, None)
-
-    def _cross_thread(self, session: Session, first: threading.Thread) -> None:
+    def _cross_thread(self, session: Session, first: str) -> None:
         other = threading.current_thread()
         request = current_request()
         self._record(
@@ -126,7 +121,7 @@ class ConnectionListeners(GuardCore):
                 session_id=session.hash_key,
                 location=_user_location(),
                 request_id=request.request_id if request is not None else None,
-                first_thread=f"{first.name} ({first.ident})",
+                first_thread=first,
                 other_thread=f"{other.name} ({other.ident})",
             )
         )
@@ -192,10 +187,10 @@ class ConnectionListeners(GuardCore):
         context: Any,
         executemany: bool,
     ) -> None:
-        state = self._inside_state(connection)
-        if state is None:
+        session = self._session_for_connection(connection)
+        if session is None:
             return  # not a tracked session transaction's connection
-        self._enter_connection(connection, state)
+        _session_hooks.enter(session)
         # Writes: only what before_execute never saw, exec_driver_sql() strings.
         if not self._detect or context is None or context.compiled is not None:
             return
@@ -211,12 +206,14 @@ class ConnectionListeners(GuardCore):
             return
         self._unsynchronized(session, names, kind)
 
-    def _session_for_connection(self, connection: Connection) -> Session | None:
+    def _session_for_connection(self, connection: Connection | None) -> Session | None:
+        if connection is None:
+            return None
         session_ref = self._connections.get(connection)
         session = session_ref() if session_ref is not None else None
         if session is None:
             return None
-        state = self._sessions.get(session)
+        state = self._sessions.get(session.hash_key)
         if state is None or state.transaction is None:
             return None  # the connection went back to the pool since
         return session
@@ -233,7 +230,7 @@ class ConnectionListeners(GuardCore):
         # Finding the table's objects walks the identity map: do it (and
         # report) once per table and kind of write in a transaction, not for
         # every statement of a loop.
-        tracked = self._sessions.get(session)
+        tracked = self._sessions.get(session.hash_key)
         if tracked is not None and tracked.transaction is not None:
             if (table, statement) in tracked.reported_writes:
                 return

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.orm.attributes import instance_state
 
-from . import _stale
+from . import _session_hooks, _stale
 from ._context import current_request
 from ._findings import (
     Finding,
@@ -127,10 +127,10 @@ class SessionState:
 
     __slots__ = (
         "began_at",
+        "bind",
         "cross_thread_reported",
         "finalizer",
         "identity_map",
-        "inside",
         "max_identity_map_size",
         "namespace",
         "reported_writes",
@@ -148,9 +148,11 @@ class SessionState:
         self.began_at = 0.0
         self.statements = 0
         self.statements_at_begin = 0
-        # Threads executing on the session's connection right now, with
-        # how deep (a statement can run inside another one's event).
-        self.inside: dict[int, tuple[int, threading.Thread]] = {}
+        # The session.bind its statements were last seen to run on, when that
+        # is the guard's engine and nothing else can choose another (no
+        # per-mapper binds, get_bind() not overridden): the per-statement
+        # engine filter is then one comparison.
+        self.bind: object = None
         self.cross_thread_reported = False
         # The map at begin (close() swaps in an empty one before the
         # transaction ends) and the most objects seen at a statement: the
@@ -222,24 +224,35 @@ class GuardCore:
         # Set by the pytest plugin while a test marked allow_stale=True runs:
         # findings are made and reported, StaleReadError is not raised.
         self._raise_excused = False
-        self._sessions: weakref.WeakKeyDictionary[Session, SessionState] = (
-            weakref.WeakKeyDictionary()
-        )
+        # By Session.hash_key (never reused in a process): a plain dict is
+        # looked up without a Python call on the hot path. Each entry goes
+        # when its session is collected (SessionState.finalizer).
+        self._sessions: dict[int, SessionState] = {}
         self._listeners: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
         self._installed = False
         self._detect = config.detect_stale_reads
+        self._expire_on = config.expire
         self._sample_rate = config.sample_rate
         self._random = random.Random()
         self._restore_async_maker: Callable[[], None] | None = None
         self._lookup_hooked = False
+        self._statements_hooked = False
         self._logged_errors: set[tuple[str, str]] = set()
         # db.system.name by dialect (is_mariadb is only known once connected,
         # and a dialect connects before its first transaction begins).
         self._system_names: weakref.WeakKeyDictionary[Any, str] = (
             weakref.WeakKeyDictionary()
         )
-        # Engines with the guard's Core listeners (writes, threads).
-        self._watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # The engine of an engine target, dereferenced without a property.
+        engine = target.engine
+        self._engine_ref: Callable[[], Engine | None] = (
+            weakref.ref(engine) if engine is not None else lambda: None
+        )
+        self._engine_scoped = target.engine_scoped
+        # Connections handed to user code (session.connection(), a session
+        # bound to a Connection) that have the guard's Core listeners.
+        self._watched_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._watched_dialects: weakref.WeakSet[Any] = weakref.WeakSet()
         # Who installed the guard on everyone's behalf (the pytest plugin):
         # install_guard() then refuses to hand it out to be uninstalled.
         self._owner: str | None = None
@@ -256,10 +269,25 @@ class GuardCore:
         self._listeners.append((weakref.ref(target), identifier, function))
 
     def _state(self, session: Session) -> SessionState:
-        state = self._sessions.get(session)
+        key = session.hash_key
+        state = self._sessions.get(key)
         if state is None:
-            state = self._sessions.setdefault(session, SessionState())
+            state = SessionState()
+            # One finalizer per session, not per transaction: it forgets the
+            # session, and ends a transaction that a dropped session left
+            # open (no event fires for it).
+            state.finalizer = weakref.finalize(session, self._forget, state, key)
+            state = self._sessions.setdefault(key, state)
+            _session_hooks.watch_threads(session)
         return state
+
+    def _forget(self, state: SessionState, key: int) -> None:
+        """A session was garbage-collected."""
+        self._sessions.pop(key, None)
+        self._abandoned(state, key)
+
+    def _abandoned(self, state: SessionState, session_id: int) -> None:
+        raise NotImplementedError
 
     def _system_name(self, dialect: Any) -> str:
         """db.system.name of *dialect*, computed once per dialect."""
@@ -269,7 +297,7 @@ class GuardCore:
         return system
 
     def _on_engine(self, bind: Engine | Connection) -> bool:
-        return bind.engine is self._target.engine
+        return bind.engine is self._engine_ref()
 
     def _internal_error(self, where: str, error: BaseException) -> None:
         self._counters.add("internal_errors")
@@ -299,7 +327,7 @@ class GuardCore:
             counters.add("identity_map_hits", sum(outcome.hits.values()))
         if outcome.verified:
             counters.add("verified_objects", sum(outcome.verified.values()))
-        state = self._sessions.get(session)
+        state = self._sessions.get(session.hash_key)
         if state is not None and state.transaction is not None:
             system = state.system
         else:

@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import _stale
+from . import _session_hooks, _stale
 from ._config import GuardConfig, Mode, parse_mode
 from ._core import GuardStats, installed_lock
 from ._read_listeners import ReadListeners
@@ -68,7 +68,7 @@ class Guard(ReadListeners):
             target = target_ref()
             if target is not None and not event.contains(target, identifier, function):
                 return False
-        return not self._lookup_hooked or _stale.hooks_in_place()
+        return not self._statements_hooked or _stale.hooks_in_place()
 
     @property
     def target(self) -> str:
@@ -122,12 +122,22 @@ class Guard(ReadListeners):
             if target is not None and event.contains(target, identifier, function):
                 event.remove(target, identifier, function)
         self._listeners.clear()
+        for connection in list(self._watched_connections):
+            for identifier, function in self._connection_listeners():
+                if event.contains(connection, identifier, function):
+                    event.remove(connection, identifier, function)
+        self._watched_connections.clear()
+        self._watched_dialects.clear()
         if self._target_finalizer is not None:
             self._target_finalizer.detach()
             self._target_finalizer = None
         if self._lookup_hooked:
-            _stale.release_hooks(self)
+            _stale.release_hooks(self, statements=self._statements_hooked)
             self._lookup_hooked = False
+        _session_hooks.release(self)
+        for session_id in self._sessions:
+            if not any(session_id in other._sessions for other in list(_live)):
+                _session_hooks.forget(session_id)
         if self._restore_async_maker is not None:
             self._restore_async_maker()
             self._restore_async_maker = None
@@ -142,7 +152,6 @@ class Guard(ReadListeners):
                     span.end()
         self._sessions.clear()
         self._connections.clear()
-        self._watched_engines.clear()
 
     def __enter__(self) -> Guard:
         return self
@@ -184,11 +193,15 @@ class Guard(ReadListeners):
         self._listen(listen_on, "after_transaction_end", self._after_transaction_end)
         self._listen(listen_on, "do_orm_execute", self._do_orm_execute)
         if self._detect or "request" in self._config.expire:
+            # At sample_rate=0 no statement is ever checked: the hook on every
+            # ORM statement's objects (and the mapper events it needs) would
+            # only cost. The identity-lookup hook still notices request
+            # changes on get()s that emit no SQL.
             self._lookup_hooked = True
-            _stale.acquire_hooks(self)
+            self._statements_hooked = self._detect and self._sample_rate > 0
+            _stale.acquire_hooks(self, statements=self._statements_hooked)
+        _session_hooks.acquire(self)
         self._installed = True
-        if target.engine is not None:
-            self._watch_engine(target.engine)
 
 
 def install_guard(

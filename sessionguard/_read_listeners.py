@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
-from . import _stale
+from . import _stale, _writes
+from ._context import _current as _current_request
 from ._context import current_request
-from ._core import fail_open
+from ._core import SessionState, fail_open
 from ._transaction_listeners import TransactionListeners
+from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -22,38 +25,90 @@ if TYPE_CHECKING:
 __all__ = ["ReadListeners"]
 
 
+def _binds(session: Session) -> Any:
+    """The session's per-mapper/table binds: ``.binds`` on 2.1, private on 2.0."""
+    return getattr(session, "binds", getattr(session, "_Session__binds", True))
+
+
 class ReadListeners(TransactionListeners, _stale.ReadObserver):
     """What a guard does for every ORM statement and identity-map read."""
 
-    @fail_open
     def _do_orm_execute(self, orm_state: ORMExecuteState) -> None:
         # The hot path: every ORM statement. It only counts and looks; the
         # objects a statement returns are checked by the read hook in _stale
         # as SQLAlchemy makes them. Returning a result from here would change
         # how SQLAlchemy runs the statement, so nothing is ever returned.
-        if not self._count_statement(orm_state):
-            return
-        if orm_state.is_update or orm_state.is_delete:
-            # Writes are few and not sampled: a skipped one would go unseen.
-            # text() DML is checked in _before_core_execute, which sees it
-            # whether it ran through session.execute() or session.connection().
-            self._check_orm_dml(orm_state)
+        # Fail-open inline (no fail_open wrapper: one call less per statement).
+        try:
+            session = orm_state.session
+            state = self._sessions.get(session.hash_key)
+            if state is None or (
+                self._engine_scoped
+                and (
+                    session.bind is not state.bind
+                    or orm_state.bind_arguments.get("bind") is not None
+                    or _binds(session)
+                )
+            ):
+                state = self._statement_state(orm_state)
+                if state is None:
+                    return  # another engine's statement
+            state.statements += 1
+            counters = self._counters
+            with counters.lock:
+                counters.values["statements"] += 1
+            size = len(session.identity_map._dict)
+            state.max_identity_map_size = max(state.max_identity_map_size, size)
+            if _current_request.get() is not None:
+                self._check_request(session, state)
+            statement = orm_state.statement
+            if not self._detect:
+                return
+            if statement.is_dml:
+                # Writes are few and not sampled: a skipped one would go unseen.
+                self._check_session_write(orm_state)
+            elif isinstance(statement, TextClause):
+                names = _writes.text_dml_tables(statement.text)
+                if names:
+                    self._unsynchronized(session, names, "text")
+        except (StaleReadError, Warning):
+            raise  # asked for (warnings as errors)
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("_do_orm_execute", error)
 
-    def _count_statement(self, orm_state: ORMExecuteState) -> bool:
-        """Count the statement; whether detection is on for it."""
+    def _statement_state(self, orm_state: ORMExecuteState) -> SessionState | None:
+        """The session's state if the statement is the guard's (engine filter)."""
         session = orm_state.session
-        if self._target.engine_scoped and not self._on_engine(
-            self._statement_bind(orm_state)
+        if not self._engine_scoped:
+            return self._state(session)
+        bind = self._statement_bind(orm_state)
+        if not self._on_engine(bind):
+            return None
+        state = self._state(session)
+        # Next time, one comparison: the same session.bind, and nothing
+        # (bind=, per-mapper binds, an overridden get_bind()) choosing another.
+        given = orm_state.bind_arguments.get("bind")
+        if (
+            given is None
+            and bind is session.bind
+            and type(session).get_bind is Session.get_bind
         ):
-            return False
-        state = self._sessions.get(session) or self._state(session)
-        state.statements += 1
-        self._counters.add("statements")
-        size = len(session.identity_map)
-        state.max_identity_map_size = max(state.max_identity_map_size, size)
-        if current_request() is not None:
-            self._check_request(session, state)
-        return self._detect
+            state.bind = bind
+        return state
+
+    def _check_session_write(self, orm_state: ORMExecuteState) -> None:
+        statement = _writes.dml_of(orm_state.statement)
+        if statement is None:
+            return
+        if statement._propagate_attrs.get("compile_state_plugin") == "orm":
+            if orm_state.is_update or orm_state.is_delete:
+                self._check_orm_dml(orm_state)
+            return
+        # Core DML (on a Table) through session.execute(): SQLAlchemy
+        # synchronises nothing in the identity map.
+        name = getattr(getattr(statement, "table", None), "name", None)
+        if name is not None:
+            self._unsynchronized(orm_state.session, (name,), "core")
 
     @staticmethod
     def _statement_bind(orm_state: ORMExecuteState) -> Engine | Connection:

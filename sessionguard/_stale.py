@@ -660,6 +660,7 @@ class _Hooks:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.users = 0
+        self.statement_users = 0
         self.observers: tuple[ReadObserver, ...] = ()
         self.original_identity_lookup: Any = None
         self.original_instances: Any = None
@@ -867,26 +868,29 @@ def _instances_signature_ok() -> bool:
     return list(inspect.signature(function).parameters) == ["cursor", "context"]
 
 
-def acquire_hooks(observer: ReadObserver) -> None:
+def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
     """
-    Register the mapper events and the read hooks (once per process).
+    Register the read hooks (once per process).
 
-    The hooks wrap ``sqlalchemy.orm.loading.instances`` (every ORM statement's
-    objects) and ``Session._identity_lookup`` (``Session.get()`` and
-    many-to-one loads), whose signatures are checked first (they are the same
+    The hooks wrap ``Session._identity_lookup`` (``Session.get()`` and
+    many-to-one loads) and, when *statements*, ``sqlalchemy.orm.loading.instances``
+    (every ORM statement's objects) with the mapper events that tell what a
+    statement loaded. Their signatures are checked first (they are the same
     on 2.0.x and 2.1.x).
     """
     with _hooks.lock:
-        if _hooks.users == 0:
-            event.listen(Mapper, "load", _on_load, raw=True)
-            event.listen(Mapper, "refresh", _on_refresh, raw=True)
-            if _lookup_signature_ok():
-                _hooks.original_identity_lookup = Session.__dict__["_identity_lookup"]
-                Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
-            if _instances_signature_ok():
-                _hooks.original_instances = loading.instances
-                loading.instances = _guarded_instances
+        if _hooks.users == 0 and _lookup_signature_ok():
+            _hooks.original_identity_lookup = Session.__dict__["_identity_lookup"]
+            Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
         _hooks.users += 1
+        if statements:
+            if _hooks.statement_users == 0:
+                event.listen(Mapper, "load", _on_load, raw=True)
+                event.listen(Mapper, "refresh", _on_refresh, raw=True)
+                if _instances_signature_ok():
+                    _hooks.original_instances = loading.instances
+                    loading.instances = _guarded_instances
+            _hooks.statement_users += 1
         _hooks.observers = (*_hooks.observers, observer)
 
 
@@ -897,18 +901,21 @@ def hooks_in_place() -> bool:
     )
 
 
-def release_hooks(observer: ReadObserver) -> None:
+def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
     """Undo :func:`acquire_hooks` once the last guard is gone."""
     with _hooks.lock:
         _hooks.observers = tuple(o for o in _hooks.observers if o is not observer)
         _hooks.users -= 1
-        if _hooks.users == 0:
+        if _hooks.users == 0 and _hooks.original_identity_lookup is not None:
+            Session._identity_lookup = _hooks.original_identity_lookup  # type: ignore[method-assign]
+            _hooks.original_identity_lookup = None
+        if not statements:
+            return
+        _hooks.statement_users -= 1
+        if _hooks.statement_users == 0:
             for identifier, function in (("load", _on_load), ("refresh", _on_refresh)):
                 if event.contains(Mapper, identifier, function):
                     event.remove(Mapper, identifier, function)
-            if _hooks.original_identity_lookup is not None:
-                Session._identity_lookup = _hooks.original_identity_lookup  # type: ignore[method-assign]
-                _hooks.original_identity_lookup = None
             if _hooks.original_instances is not None:
                 loading.instances = _hooks.original_instances
                 _hooks.original_instances = None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import structlog._config
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import LOG_LEVELS
@@ -69,6 +70,24 @@ def db_system_name(dialect: Dialect | str) -> str:
     return DB_SYSTEM_NAMES.get(dialect.name, "other_sql")
 
 
+_METER_SET_ONCE = getattr(metrics_internal, "_METER_PROVIDER_SET_ONCE", None)
+
+
+def _recording(provided: object) -> tuple[bool, bool]:
+    """
+    (whether *provided*, a tracer or meter, can record now, whether it may
+    start to later). Anything not known to be inert counts as recording.
+    """
+    if isinstance(provided, (trace.NoOpTracer, metrics.NoOpMeter)):
+        return False, False
+    if type(provided) is trace.ProxyTracer:
+        real = getattr(provided, "_real_tracer", True)
+        return bool(real or getattr(trace, "_TRACER_PROVIDER", True)), True
+    if type(provided).__name__ == "_ProxyMeter":
+        return getattr(provided, "_real_meter", True) is not None, True
+    return True, False
+
+
 class Telemetry:
     """The sinks of one guard: its structlog logger, tracer and instruments."""
 
@@ -89,6 +108,15 @@ class Telemetry:
         meter_provider = config.meter_provider or metrics.get_meter_provider()
         self.tracer = tracer_provider.get_tracer(SCOPE, __version__)
         meter = meter_provider.get_meter(SCOPE, __version__)
+        self._meter = meter
+        # Whether a span or a measurement can be recorded at all. With the
+        # API's no-op providers nothing can, and a transaction then skips its
+        # telemetry entirely; the API's proxies (nothing set globally yet)
+        # can start recording once an SDK is set, which went_live() notices.
+        tracer_live, tracer_later = _recording(self.tracer)
+        meter_live, meter_later = _recording(meter)
+        self.live = tracer_live or meter_live
+        self._may_go_live = tracer_later or meter_later
         self.transactions = meter.create_counter(
             "sessionguard.transactions",
             unit="{transaction}",
@@ -137,6 +165,23 @@ class Telemetry:
             description="Time spent checking identity-map hits against the database.",
             explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
+
+    def went_live(self) -> bool:
+        """Whether telemetry can record now (and from now on)."""
+        if self.live:
+            return True
+        if not self._may_go_live or not (
+            # The API's proxies start to record once a provider is set
+            # globally: until then, two attribute reads per transaction.
+            getattr(trace, "_TRACER_PROVIDER", True) is not None
+            or getattr(_METER_SET_ONCE, "_done", True) is not False
+        ):
+            return False
+        tracer_live, tracer_later = _recording(self.tracer)
+        meter_live, meter_later = _recording(self._meter)
+        self.live = tracer_live or meter_live
+        self._may_go_live = tracer_later or meter_later
+        return self.live
 
     @property
     def log(self) -> Any:

@@ -7,106 +7,156 @@ import weakref
 from typing import TYPE_CHECKING
 
 from ._connection_listeners import ConnectionListeners
-from ._core import SessionState, fail_open
+from ._context import _current as _current_request
+from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session, SessionTransaction
+
+    from ._core import SessionState
 
 __all__ = ["TransactionListeners"]
 
 
 class TransactionListeners(ConnectionListeners):
     """The session's ``after_begin``, ``after_commit``, ``after_rollback`` and
-    ``after_transaction_end``."""
+    ``after_transaction_end``.
 
-    @fail_open
+    These run for every transaction: each does its few steps inline (its own
+    ``try``, not :func:`fail_open`'s extra call), reads SQLAlchemy's private
+    attributes rather than calling the public methods that wrap them, and
+    leaves telemetry to :class:`Telemetry` only when something can record it.
+    """
+
     def _after_begin(
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
-        if transaction.parent is not None:
-            return  # a SAVEPOINT inside a transaction we already track
-        if self._target.engine_scoped and not self._on_engine(connection):
-            return
-        state = self._state(session)
-        tracked = state.transaction() if state.transaction is not None else None
-        if tracked is transaction:
-            return  # a second bind joining the same transaction
+        try:
+            if transaction._parent is not None:
+                return  # a SAVEPOINT inside a transaction we already track
+            if self._engine_scoped and connection.engine is not self._engine_ref():
+                return
+            state = self._sessions.get(session.hash_key) or self._state(session)
+            tracked = state.transaction
+            if tracked is not None and tracked() is transaction:
+                return  # a second bind joining the same transaction
+            self._begin(session, transaction, connection, state)
+        except (StaleReadError, Warning):
+            raise  # asked for (warnings as errors)
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("_after_begin", error)
+
+    def _begin(
+        self,
+        session: Session,
+        transaction: SessionTransaction,
+        connection: Connection,
+        state: SessionState,
+    ) -> None:
         state.transaction = weakref.ref(transaction)
-        state.began_at = time.perf_counter()
-        state.inside.clear()
         state.cross_thread_reported = False
         state.stale_reads = 0
-        state.reported_writes.clear()
-        state.system = self._system_name(connection.dialect)
-        state.namespace = connection.engine.url.database
-        size = len(session.identity_map)
-        state.identity_map = session.identity_map
-        state.max_identity_map_size = size
-        self._counters.begun(size)
-        state.span = self._telemetry.transaction_begun(session.hash_key, size)
-        if state.finalizer is None:
-            # A session dropped in the middle of a transaction fires no event:
-            # end its span (and count it) when it is collected. One finalizer
-            # per session, not per transaction: it looks at the state then.
-            state.finalizer = weakref.finalize(
-                session, self._abandoned, state, session.hash_key
-            )
-        self._connections[connection] = weakref.ref(session)
-        self._watch_engine(connection.engine)
-        self._check_request(session, state)
-        if "begin" in self._config.expire:
+        if state.reported_writes:
+            state.reported_writes.clear()
+        identity_map = state.identity_map = session.identity_map
+        size = state.max_identity_map_size = len(identity_map._dict)
+        counters = self._counters
+        with counters.lock:
+            values = counters.values
+            values["transactions"] += 1
+            values["max_identity_map_size"] = max(values["max_identity_map_size"], size)
+        telemetry = self._telemetry
+        if telemetry.live or telemetry.debug_on or telemetry.went_live():
+            # Only what can be recorded is measured: with OpenTelemetry's
+            # no-op providers and debug logging off, a transaction costs the
+            # counters above and nothing else.
+            state.began_at = time.perf_counter()
+            dialect = connection.dialect
+            system = self._system_names.get(dialect)
+            state.system = system or self._system_name(dialect)
+            state.namespace = connection.engine.url.database
+            state.span = telemetry.transaction_begun(session.hash_key, size)
+        if connection is session.bind:
+            # A session bound to a Connection (the test-suite pattern that
+            # joins an outer transaction): user code holds that connection.
+            self._watch_connection(connection, session)
+        if _current_request.get() is not None:
+            self._check_request(session, state)
+        if "begin" in self._expire_on:
             self._expire(session, "begin")
 
     def _tracked(self, session: Session) -> SessionState | None:
         """The session's state if its current root transaction is tracked."""
-        state = self._sessions.get(session)
+        state = self._sessions.get(session.hash_key)
         if state is None or state.transaction is None:
             return None
-        if session.in_nested_transaction():
+        if session._nested_transaction is not None:
             return None  # a SAVEPOINT ending, not the transaction
-        if state.transaction() is not session.get_transaction():
+        root = session._transaction
+        while root is not None and root._parent is not None:
+            root = root._parent
+        if state.transaction() is not root:
             return None
         return state
 
-    @fail_open
     def _after_commit(self, session: Session) -> None:
-        state = self._tracked(session)
-        if state is None:
-            return
-        if "commit" in self._config.expire and not session.expire_on_commit:
-            self._expire(session, "commit")
-        self._finish(session, state, "commit")
+        try:
+            state = self._tracked(session)
+            if state is None:
+                return
+            if "commit" in self._expire_on and not session.expire_on_commit:
+                self._expire(session, "commit")
+            self._finish(session, state, "commit")
+        except (StaleReadError, Warning):
+            raise
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("_after_commit", error)
 
-    @fail_open
     def _after_rollback(self, session: Session) -> None:
-        state = self._tracked(session)
-        if state is not None:
-            self._finish(session, state, "rollback")
+        try:
+            state = self._tracked(session)
+            if state is not None:
+                self._finish(session, state, "rollback")
+        except (StaleReadError, Warning):
+            raise
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("_after_rollback", error)
 
-    @fail_open
     def _after_transaction_end(
         self, session: Session, transaction: SessionTransaction
     ) -> None:
         # A session closed in the middle of a transaction ends it without
         # after_commit or after_rollback: the connection is rolled back.
-        if transaction.parent is not None:
-            return
-        state = self._sessions.get(session)
-        tracked = state.transaction if state is not None else None
-        if state is not None and tracked is not None and tracked() is transaction:
-            self._finish(session, state, "rollback")
+        try:
+            if transaction._parent is not None:
+                return
+            state = self._sessions.get(session.hash_key)
+            tracked = state.transaction if state is not None else None
+            if tracked is not None and tracked() is transaction:
+                self._finish(session, state, "rollback")  # type: ignore[arg-type]
+        except (StaleReadError, Warning):
+            raise
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("_after_transaction_end", error)
 
     def _finish(self, session: Session, state: SessionState, outcome: str) -> None:
         state.transaction = None
-        state.inside.clear()
-        statements = state.statements - state.statements_at_begin
-        state.statements_at_begin = state.statements
-        size = max(len(session.identity_map), state.max_identity_map_size)
+        size = len(session.identity_map._dict)
+        size = max(size, state.max_identity_map_size)
         held, state.identity_map = state.identity_map, None
         if held is not None and held is not session.identity_map:
-            size = max(size, len(held))
-        self._counters.ended(outcome, size)
+            size = max(size, len(held._dict))
+        counters = self._counters
+        with counters.lock:
+            values = counters.values
+            values["commits" if outcome == "commit" else "rollbacks"] += 1
+            values["max_identity_map_size"] = max(values["max_identity_map_size"], size)
+        statements = state.statements - state.statements_at_begin
+        state.statements_at_begin = state.statements
+        began_at, state.began_at = state.began_at, 0.0
+        if not began_at:
+            return  # nothing could record this transaction when it began
         span, state.span = state.span, None
         self._telemetry.transaction_ended(
             span,
@@ -114,7 +164,7 @@ class TransactionListeners(ConnectionListeners):
             outcome=outcome,
             identity_map_size=size,
             statements=statements,
-            duration_s=time.perf_counter() - state.began_at,
+            duration_s=time.perf_counter() - began_at,
             system=state.system,
             namespace=state.namespace,
             stale_reads=state.stale_reads,
@@ -127,13 +177,16 @@ class TransactionListeners(ConnectionListeners):
         state.transaction = None
         span, state.span = state.span, None
         self._counters.ended("rollback", 0)
+        began_at, state.began_at = state.began_at, 0.0
+        if not began_at:
+            return
         self._telemetry.transaction_ended(
             span,
             session_id=session_id,
             outcome="rollback",
             identity_map_size=0,
             statements=0,
-            duration_s=time.perf_counter() - state.began_at,
+            duration_s=time.perf_counter() - began_at,
             system=state.system,
             namespace=state.namespace,
             stale_reads=0,

@@ -371,28 +371,43 @@ def test_a_guard_keeps_its_own_target_collectable(sqlite_db):
     guard.uninstall()  # still safe to call
 
 
-def test_core_listeners_only_on_engines_that_guarded_sessions_use(sqlite_db):
-    """No listener on the Engine class: an engine no guarded session uses stays bare."""
+def test_core_listeners_only_on_connections_handed_to_user_code(sqlite_db):
+    """
+    No listener on the Engine class nor on an engine: the sessions' own
+    connections stay off SQLAlchemy's event path; only a connection user code
+    gets from session.connection() is listened on, and a write through it or
+    through session.execute() is still seen.
+    """
     from sqlalchemy import Engine, text
 
     used = sqlite_db.engine()
-    unused = sqlite_db.engine()
     guard = install_guard(None)
-    assert not unused._has_events and not used._has_events
-    with used.connect() as early:  # opened before any guarded transaction
-        with Session(used) as session:
-            session.add(User(id=1, name="alice"))
-            session.commit()
-            user = session.get(User, 1)
-            session.execute(text("UPDATE sg_users SET name = 'bob'"))
-            assert user.name == "alice"
-        early.execute(select(1))
-    assert used._has_events
-    assert not unused._has_events
+    with Session(used) as session:
+        session.add(User(id=1, name="alice"))
+        session.commit()
+        user = session.get(User, 1)
+        session.execute(text("UPDATE sg_users SET name = 'bob'"))
+        assert user.name == "alice"
+        own = session.connection()  # the transaction's connection, handed out
+        assert not used._has_events
+        assert own._has_events  # listened on now, this one connection only
+        assert event.contains(own, "before_execute", guard._before_core_execute)
+        own.execute(text("UPDATE sg_users SET name = 'carol' WHERE id = 1"))
+        session.rollback()
+    with used.connect() as other:
+        assert not other._has_events
     assert not event.contains(Engine, "before_execute", guard._before_core_execute)
-    [finding] = guard.findings
-    assert (finding.kind, finding.table) == ("unsynchronized_write", "sg_users")
-
-    assert event.contains(used, "before_execute", guard._before_core_execute)
-    guard.uninstall()
     assert not event.contains(used, "before_execute", guard._before_core_execute)
+    assert [(f.kind, f.table, f.statement) for f in guard.findings] == [
+        ("unsynchronized_write", "sg_users", "text"),
+    ]
+    with Session(used) as session:
+        user = session.get(User, 1)
+        connection = session.connection()
+        connection.exec_driver_sql("UPDATE sg_users SET name = 'dave' WHERE id = 1")
+        assert user.name == "alice"
+        guard.uninstall()
+        assert not event.contains(
+            connection, "before_execute", guard._before_core_execute
+        )
+    assert [f.statement for f in guard.findings] == ["text", "driver_sql"]

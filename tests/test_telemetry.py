@@ -468,3 +468,88 @@ def test_identity_map_size_is_the_most_held_during_the_transaction(sqlite_db, ot
     [(_, size)] = otel.points("sessionguard.identity_map.size").items()
     assert size.max == 20
     assert guard.stats().max_identity_map_size == 20
+
+
+_LATE_SDK = """
+import json
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from sessionguard import install_guard
+
+engine = create_engine("sqlite://")
+guard = install_guard(engine)  # no SDK anywhere yet: the API's proxies
+
+
+def transaction():
+    with Session(engine) as session:
+        session.execute(text("SELECT 1"))
+        session.commit()
+
+
+transaction()  # nothing can record it
+exporter = InMemorySpanExporter()
+tracer_provider = TracerProvider()
+tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+reader = InMemoryMetricReader()
+trace.set_tracer_provider(tracer_provider)
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+transaction()
+transaction()
+points = {
+    metric.name: [point.__class__.__name__ for point in metric.data.data_points]
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+}
+counted = [
+    point.value
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name == "sessionguard.transactions"
+    for point in metric.data.data_points
+]
+print(json.dumps({
+    "spans": [span.name for span in exporter.get_finished_spans()],
+    "transactions_metric": counted,
+    "transactions_stats": guard.stats().transactions,
+}))
+"""
+
+
+def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
+    """
+    Installed before any SDK, a guard skips telemetry while nothing can record
+    it, and records from the first transaction after an SDK is set globally.
+    (A subprocess: the global providers can be set only once.)
+    """
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "late_sdk.py"
+    script.write_text(_LATE_SDK)
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result == {
+        "spans": ["session transaction", "session transaction"],
+        "transactions_metric": [2],
+        "transactions_stats": 3,
+    }
