@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -108,6 +109,60 @@ def _guard(sample_rate: float, sdk: bool) -> Callable[[Engine], Installed]:
     return install
 
 
+def _telemetry_floor(engine: Engine) -> Installed:
+    """
+    What DESIGN §4 asks of every transaction, and nothing else: one span
+    (started at begin, five attributes set and ended at commit or rollback)
+    and the three per-transaction measurements (``sessionguard.transactions``,
+    ``sessionguard.transaction.duration``, ``sessionguard.identity_map.size``),
+    through the same SDK, from the floor's listeners. A guard with the SDK
+    cannot cost less than this; its own share is what it adds on top.
+    """
+    from opentelemetry.trace import SpanKind
+
+    tracer_provider, meter_provider, after_batch = _sdk()
+    tracer = tracer_provider.get_tracer("telemetry-floor")
+    meter = meter_provider.get_meter("telemetry-floor")
+    transactions = meter.create_counter("sessionguard.transactions")
+    duration = meter.create_histogram("sessionguard.transaction.duration", unit="s")
+    size = meter.create_histogram("sessionguard.identity_map.size")
+    system = {"db.system.name": engine.dialect.name}
+    open_spans: dict[int, tuple[Any, float]] = {}
+
+    def begin(session: Session, transaction: Any, connection: Any) -> None:
+        if transaction.parent is None:
+            span = tracer.start_span("session transaction", kind=SpanKind.INTERNAL)
+            open_spans[session.hash_key] = (span, time.perf_counter())
+
+    def end(session: Session, outcome: str) -> None:
+        entry = open_spans.pop(session.hash_key, None)
+        if entry is None:
+            return
+        span, began = entry
+        objects = len(session.identity_map)
+        span.set_attributes(
+            {
+                **system,
+                "sessionguard.outcome": outcome,
+                "sessionguard.identity_map.size": objects,
+                "sessionguard.statements": 1,
+                "sessionguard.stale_reads": 0,
+            }
+        )
+        span.end()
+        attributes = {"sessionguard.outcome": outcome, **system}
+        transactions.add(1, attributes)
+        duration.record(time.perf_counter() - began, attributes)
+        size.record(objects, system)
+
+    event.listen(Session, "after_begin", begin)
+    event.listen(Session, "after_commit", lambda session: end(session, "commit"))
+    event.listen(Session, "after_rollback", lambda session: end(session, "rollback"))
+    event.listen(Session, "after_transaction_end", _no_op)
+    event.listen(Session, "do_orm_execute", _no_op)
+    return Installed(after_batch=after_batch)
+
+
 def _otel_sqlalchemy(engine: Engine) -> Installed:
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
@@ -180,6 +235,12 @@ CONFIGURATIONS: dict[str, Configuration] = {
             "guard-100",
             "install_guard(engine, sample_rate=1.0), no SDK",
             _guard(1.0, False),
+        ),
+        Configuration(
+            "telemetry-floor",
+            "no guard; the floor's listeners making the span and the three "
+            "measurements DESIGN §4 asks of each transaction, with the SDK",
+            _telemetry_floor,
         ),
         Configuration(
             "otel-sqlalchemy",

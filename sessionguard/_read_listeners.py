@@ -13,7 +13,6 @@ from sqlalchemy.sql.elements import TextClause
 
 from . import _stale, _writes
 from ._context import _current as _current_request
-from ._context import current_request
 from ._core import SessionState, fail_open
 from ._transaction_listeners import TransactionListeners
 from .exceptions import StaleReadError
@@ -25,9 +24,16 @@ if TYPE_CHECKING:
 __all__ = ["ReadListeners"]
 
 
-def _binds(session: Session) -> Any:
-    """The session's per-mapper/table binds: ``.binds`` on 2.1, private on 2.0."""
-    return getattr(session, "binds", getattr(session, "_Session__binds", True))
+# The session's per-mapper/table binds: ``.binds`` on 2.1, private on 2.0
+# (read with getattr(session, _BINDS, True): unknown means "there may be").
+_BINDS = next(
+    (
+        name
+        for name in ("binds", "_Session__binds")
+        if name in Session.__init__.__code__.co_names
+    ),
+    "binds",
+)
 
 
 class ReadListeners(TransactionListeners, _stale.ReadObserver):
@@ -47,7 +53,7 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
                 and (
                     session.bind is not state.bind
                     or orm_state.bind_arguments.get("bind") is not None
-                    or _binds(session)
+                    or getattr(session, _BINDS, True)
                 )
             ):
                 state = self._statement_state(orm_state)
@@ -129,34 +135,53 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             return session.bind
         return session.get_bind(**arguments)
 
-    @fail_open
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
-        if not self._installed or not self._target.covers(session):
+        # Sampling first; an unsampled lookup outside a request context (where
+        # nothing else is looked at) costs one random number at most.
+        try:
+            rate = self._sample_rate
+            sampled = self._detect and (
+                rate >= 1.0 or (rate > 0.0 and self._random.random() < rate)
+            )
+            request = _current_request.get()
+            if not sampled and request is None:
+                return False
+            if not self._installed or not self._target.covers(session):
+                return False
+            if self._engine_scoped and not self._on_engine(
+                session.get_bind(mapper=mapper)
+            ):
+                return False
+            if request is not None:
+                self._check_request(session, self._state(session))
+            return sampled
+        except (StaleReadError, Warning):
+            raise  # asked for (warnings as errors)
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("covers_lookup", error)
             return False
-        if self._target.engine_scoped and not self._on_engine(
-            session.get_bind(mapper=mapper)
-        ):
-            return False
-        if current_request() is not None:
-            self._check_request(session, self._state(session))
-        if not self._detect:
-            return False
-        return self._sample_rate >= 1.0 or self._random.random() < self._sample_rate
 
     @fail_open
     def identity_hit(self, session: Session, hit: _stale.Hit) -> None:
         self._check(session, [hit], raise_stale=True)
 
-    @fail_open
     def covers_statement(self, session: Session, connection: Connection) -> bool:
         # Sampling first: an unsampled statement costs one random number.
-        if not self._detect or (
-            self._sample_rate < 1.0 and self._random.random() >= self._sample_rate
-        ):
+        try:
+            if not self._detect or (
+                self._sample_rate < 1.0 and self._random.random() >= self._sample_rate
+            ):
+                return False
+            if not self._installed or (
+                # A session with state is one of the guard's (its listeners made it).
+                session.hash_key not in self._sessions
+                and not self._target.covers(session)
+            ):
+                return False
+            return not self._engine_scoped or connection.engine is self._engine_ref()
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("covers_statement", error)
             return False
-        if not self._installed or not self._target.covers(session):
-            return False
-        return not self._target.engine_scoped or self._on_engine(connection)
 
     @fail_open
     def statement_hits(self, session: Session, hits: list[_stale.Hit]) -> None:

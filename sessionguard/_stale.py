@@ -111,9 +111,15 @@ def _frames_for(context: Any) -> Iterator[Frame]:
 # SQLAlchemy's own tests fire these events by hand with fewer arguments
 # (``dispatch.load(5)``): every parameter past the first has a default.
 def _on_load(state: InstanceState[Any], context: Any = None, *_: Any) -> None:
+    # Only identity lookups need this: an object an ORM statement loads new
+    # carries that statement's runid, which hits_in_rows compares instead.
+    if not _session_frames:
+        return
     try:
-        for frame in _frames_for(context):
-            frame.loaded.add(state)
+        session = getattr(context, "session", None)
+        if session is not None:
+            for frame in _session_frames.get(id(session), ()):
+                frame.loaded.add(state)
     except Exception as error:  # noqa: BLE001 - a listener fails open
         _internal_error("mapper load event", error)
 
@@ -188,6 +194,8 @@ def hits_in_rows(
         if state in loaded or (runid is not None and state.runid == runid):
             continue
         fresh = refreshed.get(state)
+        if fresh is not None and fresh.issuperset(state.dict):
+            continue  # the read (re)loaded everything the object holds
         hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
     return hits
 

@@ -41,50 +41,47 @@ class TransactionListeners(ConnectionListeners):
             tracked = state.transaction
             if tracked is not None and tracked() is transaction:
                 return  # a second bind joining the same transaction
-            self._begin(session, transaction, connection, state)
+            state.transaction = weakref.ref(transaction)
+            state.cross_thread_reported = False
+            state.stale_reads = 0
+            if state.reported_writes:
+                state.reported_writes.clear()
+            identity_map = state.identity_map = session.identity_map
+            size = state.max_identity_map_size = len(identity_map._dict)
+            counters = self._counters
+            with counters.lock:
+                values = counters.values
+                values["transactions"] += 1
+                values["max_identity_map_size"] = max(
+                    values["max_identity_map_size"], size
+                )
+            telemetry = self._telemetry
+            if telemetry.live or telemetry.debug_on or telemetry.went_live():
+                # Only what can be recorded is measured: with OpenTelemetry's
+                # no-op providers and debug logging off, a transaction costs
+                # the counters above and nothing else.
+                self._begin_telemetry(session, connection, state, size)
+            if connection is session.bind:
+                # A session bound to a Connection (the test-suite pattern that
+                # joins an outer transaction): user code holds that connection.
+                self._watch_connection(connection, session)
+            if _current_request.get() is not None:
+                self._check_request(session, state)
+            if "begin" in self._expire_on:
+                self._expire(session, "begin")
         except (StaleReadError, Warning):
             raise  # asked for (warnings as errors)
         except Exception as error:  # noqa: BLE001 - fail open, by design
             self._internal_error("_after_begin", error)
 
-    def _begin(
-        self,
-        session: Session,
-        transaction: SessionTransaction,
-        connection: Connection,
-        state: SessionState,
+    def _begin_telemetry(
+        self, session: Session, connection: Connection, state: SessionState, size: int
     ) -> None:
-        state.transaction = weakref.ref(transaction)
-        state.cross_thread_reported = False
-        state.stale_reads = 0
-        if state.reported_writes:
-            state.reported_writes.clear()
-        identity_map = state.identity_map = session.identity_map
-        size = state.max_identity_map_size = len(identity_map._dict)
-        counters = self._counters
-        with counters.lock:
-            values = counters.values
-            values["transactions"] += 1
-            values["max_identity_map_size"] = max(values["max_identity_map_size"], size)
-        telemetry = self._telemetry
-        if telemetry.live or telemetry.debug_on or telemetry.went_live():
-            # Only what can be recorded is measured: with OpenTelemetry's
-            # no-op providers and debug logging off, a transaction costs the
-            # counters above and nothing else.
-            state.began_at = time.perf_counter()
-            dialect = connection.dialect
-            system = self._system_names.get(dialect)
-            state.system = system or self._system_name(dialect)
-            state.namespace = connection.engine.url.database
-            state.span = telemetry.transaction_begun(session.hash_key, size)
-        if connection is session.bind:
-            # A session bound to a Connection (the test-suite pattern that
-            # joins an outer transaction): user code holds that connection.
-            self._watch_connection(connection, session)
-        if _current_request.get() is not None:
-            self._check_request(session, state)
-        if "begin" in self._expire_on:
-            self._expire(session, "begin")
+        state.began_at = time.perf_counter()
+        dialect = connection.dialect
+        state.system = self._system_names.get(dialect) or self._system_name(dialect)
+        state.namespace = connection.engine.url.database
+        state.span = self._telemetry.transaction_begun(session.hash_key, size)
 
     def _tracked(self, session: Session) -> SessionState | None:
         """The session's state if its current root transaction is tracked."""
@@ -102,9 +99,19 @@ class TransactionListeners(ConnectionListeners):
 
     def _after_commit(self, session: Session) -> None:
         try:
-            state = self._tracked(session)
-            if state is None:
+            state = self._sessions.get(session.hash_key)
+            if state is None or state.transaction is None:
                 return
+            root = session._transaction
+            if (
+                session._nested_transaction is not None  # a SAVEPOINT ending
+                or root is None
+                or root._parent is not None
+                or state.transaction() is not root
+            ):
+                state = self._tracked(session)  # the general case
+                if state is None:
+                    return
             if "commit" in self._expire_on and not session.expire_on_commit:
                 self._expire(session, "commit")
             self._finish(session, state, "commit")
