@@ -218,7 +218,7 @@ class GuardKeeper:
                 missing.append(f"{getattr(target, '__name__', 'target')}.{identifier}")
         stale = sys.modules.get("sessionguard._stale")
         hooks = getattr(stale, "_hooks", None)
-        if getattr(hooks, "users", 0):
+        if getattr(hooks, "statement_users", getattr(hooks, "users", 0)):
             for identifier in ("load", "refresh"):
                 function = getattr(stale, f"_on_{identifier}", None)
                 if function is not None and not event.contains(

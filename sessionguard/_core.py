@@ -317,32 +317,39 @@ class GuardCore:
     def _check(
         self, session: Session, hits: list[_stale.Hit], *, raise_stale: bool
     ) -> list[StaleRead]:
-        started = time.perf_counter()
+        telemetry = self._telemetry
+        timed = telemetry.live
+        started = time.perf_counter() if timed else 0.0
         outcome = _stale.check_hits(
             session, hits, self._config, location=_user_location
         )
-        duration = time.perf_counter() - started if outcome.verified else None
-        counters = self._counters
-        if outcome.hits:
-            counters.add("identity_map_hits", sum(outcome.hits.values()))
-        if outcome.verified:
-            counters.add("verified_objects", sum(outcome.verified.values()))
-        state = self._sessions.get(session.hash_key)
-        if state is not None and state.transaction is not None:
-            system = state.system
-        else:
-            system = db_system_name(outcome.dialect or "")
-        self._telemetry.checked(system, outcome.hits, outcome.verified, duration)
         skipped = (
             outcome.skipped_outside_greenlet
             + outcome.skipped_identity_token
             + outcome.skipped_partial_key
         )
-        if skipped:
-            counters.add("skipped_checks", skipped)
+        counters = self._counters
+        with counters.lock:
+            values = counters.values
+            if outcome.hits:
+                values["identity_map_hits"] += sum(outcome.hits.values())
+            if outcome.verified:
+                values["verified_objects"] += sum(outcome.verified.values())
+            if skipped:
+                values["skipped_checks"] += skipped
+        state = self._sessions.get(session.hash_key)
+        if state is not None and state.transaction is not None:
+            system = state.system
+        else:
+            system = db_system_name(outcome.dialect or "")
+        if timed:
+            duration = time.perf_counter() - started if outcome.verified else None
+            telemetry.checked(system, outcome.hits, outcome.verified, duration)
         for entity, error in outcome.errors:
             counters.add("verification_errors")
-            self._telemetry.verification_error(session.hash_key, entity, error)
+            telemetry.verification_error(session.hash_key, entity, error)
+        if not outcome.findings:
+            return []
         request = current_request()
         findings = []
         for found in outcome.findings:
@@ -354,16 +361,9 @@ class GuardCore:
             if state is not None and state.transaction is not None:
                 state.stale_reads += 1
             self._record(finding, state, system)
-        if (
-            findings
-            and raise_stale
-            and self._config.on_stale == "raise"
-            and not self._raise_excused
-        ):
+        if raise_stale and self._config.on_stale == "raise" and not self._raise_excused:
             error = StaleReadError(findings[0])
-            self._telemetry.stale_error(
-                state.span if state is not None else None, error
-            )
+            telemetry.stale_error(state.span if state is not None else None, error)
             raise error
         return findings
 

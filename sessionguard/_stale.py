@@ -109,21 +109,10 @@ def _frames_for(context: Any) -> Iterator[Frame]:
 
 
 # SQLAlchemy's own tests fire these events by hand with fewer arguments
-# (``dispatch.load(5)``): every parameter past the first has a default.
-def _on_load(state: InstanceState[Any], context: Any = None, *_: Any) -> None:
-    # Only identity lookups need this: an object an ORM statement loads new
-    # carries that statement's runid, which hits_in_rows compares instead.
-    if not _session_frames:
-        return
-    try:
-        session = getattr(context, "session", None)
-        if session is not None:
-            for frame in _session_frames.get(id(session), ()):
-                frame.loaded.add(state)
-    except Exception as error:  # noqa: BLE001 - a listener fails open
-        _internal_error("mapper load event", error)
-
-
+# (``dispatch.refresh(5)``): every parameter past the first has a default.
+# There is no listener on ``load``: an object an ORM statement loads new
+# carries that statement's runid, which hits_in_rows compares, and an
+# identity lookup only ever re-loads (refreshes) the object it returns.
 def _on_refresh(
     state: InstanceState[Any],
     context: Any = None,
@@ -171,28 +160,43 @@ def hits_in_rows(
     The persistent objects a read handed back that it did not fully load.
 
     A full load (a new object, ``populate_existing``) stamps the state with
-    the statement's *runid*, and fires ``load``/``refresh`` into *frame*.
+    the statement's *runid*; a re-load of expired attributes fires
+    ``refresh`` into *frame*.
 
     Those are the entities of the result rows and, for joined eager loads
     (options of *statement*, or relationships configured ``lazy="joined"``),
     the related objects they populated.
     """
-    hits: list[Hit] = []
-    seen: set[int] = set()
-    returned: list[InstanceState[Any]] = []
-    for row in rows:
-        for element in (row,) if scalars else row:
-            state = getattr(element, "_sa_instance_state", None)
-            if state is not None and state.key is not None and id(state) not in seen:
-                seen.add(id(state))
-                returned.append(state)
-    for state in _joined_related(returned, statement, seen):
-        returned.append(state)
+    if scalars:
+        states = [getattr(element, "_sa_instance_state", None) for element in rows]
+    else:
+        states = [
+            getattr(element, "_sa_instance_state", None)
+            for row in rows
+            for element in row
+        ]
+    returned = [state for state in states if state is not None and state.key]
     loaded = frame.loaded
     refreshed = frame.refreshed
+    hits: list[Hit] = []
+    seen: set[int] = set()
+    if returned and _joined_paths(returned, statement):
+        # Objects that joined eager loads populated count too: every returned
+        # object (loaded by this read or not) may have brought some along.
+        unique = []
+        for state in returned:
+            if id(state) not in seen:
+                seen.add(id(state))
+                unique.append(state)
+        unique.extend(_joined_related(unique, statement, seen))
+        returned = unique
+        seen = set()
     for state in returned:
-        if state in loaded or (runid is not None and state.runid == runid):
+        if (runid is not None and state.runid == runid) or state in loaded:
+            continue  # loaded by this read
+        if id(state) in seen:
             continue
+        seen.add(id(state))
         fresh = refreshed.get(state)
         if fresh is not None and fresh.issuperset(state.dict):
             continue  # the read (re)loaded everything the object holds
@@ -227,7 +231,9 @@ def _joined_paths(
                 paths.append((natural[0], keys))
             else:
                 others.add((natural[0], keys))
-    for mapper in {state.mapper for state in states}:
+    # One mapper per class (state.mapper is a property: ask once per class).
+    mappers = {state.class_: state for state in states}
+    for mapper in {state.mapper for state in mappers.values()}:
         defaults = _default_joined.get(mapper)
         if defaults is None:
             defaults = tuple(
@@ -893,7 +899,6 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
         _hooks.users += 1
         if statements:
             if _hooks.statement_users == 0:
-                event.listen(Mapper, "load", _on_load, raw=True)
                 event.listen(Mapper, "refresh", _on_refresh, raw=True)
                 if _instances_signature_ok():
                     _hooks.original_instances = loading.instances
@@ -904,9 +909,7 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
 
 def hooks_in_place() -> bool:
     """Whether the shared listeners are still registered (someone may clear them)."""
-    return event.contains(Mapper, "load", _on_load) and event.contains(
-        Mapper, "refresh", _on_refresh
-    )
+    return event.contains(Mapper, "refresh", _on_refresh)
 
 
 def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
@@ -921,9 +924,8 @@ def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
             return
         _hooks.statement_users -= 1
         if _hooks.statement_users == 0:
-            for identifier, function in (("load", _on_load), ("refresh", _on_refresh)):
-                if event.contains(Mapper, identifier, function):
-                    event.remove(Mapper, identifier, function)
+            if event.contains(Mapper, "refresh", _on_refresh):
+                event.remove(Mapper, "refresh", _on_refresh)
             if _hooks.original_instances is not None:
                 loading.instances = _hooks.original_instances
                 _hooks.original_instances = None
