@@ -17,7 +17,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterable
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, bindparam, event, exc, select, tuple_
@@ -49,6 +49,7 @@ __all__ = [
     "check_hits",
     "hits_in_rows",
     "hooks_in_place",
+    "pop_frame",
     "push_frame",
     "release_hooks",
 ]
@@ -80,19 +81,21 @@ _context_frames: dict[int, Frame] = {}
 _session_frames: dict[int, list[Frame]] = {}
 
 
-@contextmanager
-def push_frame(session: Session) -> Iterator[Frame]:
-    """Record load/refresh events of *session* while the block runs."""
+def push_frame(session: Session) -> Frame:
+    """Record load/refresh events of *session* until :func:`pop_frame`."""
     frame = Frame()
+    _session_frames.setdefault(id(session), []).append(frame)
+    return frame
+
+
+def pop_frame(session: Session, frame: Frame) -> None:
     key = id(session)
-    stack = _session_frames.setdefault(key, [])
-    stack.append(frame)
-    try:
-        yield frame
-    finally:
-        stack.remove(frame)
-        if not stack:
-            _session_frames.pop(key, None)
+    stack = _session_frames.get(key)
+    if stack is None:
+        return
+    stack.remove(frame)
+    if not stack:
+        _session_frames.pop(key, None)
 
 
 def _frames_for(context: Any) -> Iterator[Frame]:
@@ -355,8 +358,14 @@ def _statement(mapper: Mapper[Any], keys: tuple[str, ...]) -> Select[Any]:
         criterion = primary_key[0].in_(bindparam(_PKS, expanding=True))
     else:
         criterion = tuple_(*primary_key).in_(bindparam(_PKS, expanding=True))
+    # The option travels with the cached statement (no per-execution merge):
+    # it tells the check's SELECT apart from the user's (SQLAlchemy's suite
+    # hides it from its SQL assertions by it).
     statement = (
-        select(*selected).select_from(mapper.persist_selectable).where(criterion)
+        select(*selected)
+        .select_from(mapper.persist_selectable)
+        .where(criterion)
+        .execution_options(**_VERIFICATION_OPTIONS)
     )
     with _cache_lock:
         _statement_cache.setdefault(mapper, {})[keys] = statement
@@ -621,9 +630,7 @@ def _fetch(
         for start in range(0, len(identities), _BATCH):
             chunk = identities[start : start + _BATCH]
             params = [ident[0] for ident in chunk] if pk_width == 1 else chunk
-            for row in connection.execute(
-                statement, {_PKS: params}, execution_options=_VERIFICATION_OPTIONS
-            ):
+            for row in connection.execute(statement, {_PKS: params}):
                 rows[tuple(row[:pk_width])] = row
         if savepoint is not None:
             savepoint.commit()
@@ -701,7 +708,26 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     if not observers:
         return original(cursor, context)
     try:
-        interested = _statement_observers(cursor, context, observers)
+        # Loads that overwrite what they find (populate_existing, refresh()
+        # and unexpire loads) cannot serve stale state; the objects of DML
+        # RETURNING are the session's own writes; a server-side cursor cannot
+        # share its connection with a check while it is being read.
+        interested = None
+        statement = context.query
+        execution_context = getattr(cursor, "context", None)
+        if not (
+            context.populate_existing
+            or context.refresh_state is not None
+            or getattr(statement, "is_dml", False)
+            or getattr(getattr(statement, "element", None), "is_dml", False)
+            or execution_context is None
+            or execution_context._is_server_side
+        ):
+            session = context.session
+            connection = execution_context.root_connection
+            interested = [
+                o for o in observers if o.covers_statement(session, connection)
+            ]
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
@@ -725,28 +751,6 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     return result
 
 
-def _statement_observers(
-    cursor: Any, context: Any, observers: tuple[ReadObserver, ...]
-) -> list[ReadObserver] | None:
-    # Loads that overwrite what they find (populate_existing, refresh() and
-    # unexpire loads) cannot serve stale state; the objects of DML RETURNING
-    # are the session's own writes; a server-side cursor cannot share its
-    # connection with a check while it is being read.
-    if context.populate_existing or context.refresh_state is not None:
-        return None
-    statement = context.query
-    if getattr(statement, "is_dml", False) or getattr(
-        getattr(statement, "element", None), "is_dml", False
-    ):
-        return None
-    execution_context = getattr(cursor, "context", None)
-    if execution_context is None or execution_context._is_server_side:
-        return None
-    session = context.session
-    connection = execution_context.root_connection
-    return [o for o in observers if o.covers_statement(session, connection)]
-
-
 def _watch_chunks(
     result: Any, context: Any, frame: Frame, observers: list[ReadObserver]
 ) -> None:
@@ -759,22 +763,11 @@ def _watch_chunks(
     runid = context.runid
     key = id(context)
 
-    def report(rows: Any) -> None:
-        _report_hits(
-            session,
-            rows,
-            observers,
-            scalars=scalars,
-            frame=frame,
-            statement=statement,
-            runid=runid,
-        )
-
     if context.execution_options.get("prebuffer_rows", False):
         # The objects are made already (AsyncSession asks for this, and the
         # rows are then read outside the greenlet): check them now.
         for rows in source_chunks(None):
-            report(rows)
+            _report_hits(session, rows, observers, scalars, frame, statement, runid)
         return
 
     def chunks(size: int | None) -> Iterator[Any]:
@@ -787,7 +780,7 @@ def _watch_chunks(
                 _context_frames.pop(key, None)
             if rows is _END:
                 return
-            report(rows)
+            _report_hits(session, rows, observers, scalars, frame, statement, runid)
             yield rows
 
     result.chunks = chunks
@@ -796,11 +789,10 @@ def _watch_chunks(
     result.iterator = itertools.chain.from_iterable(chunks(result._yield_per))
 
 
-def _report_hits(
+def _report_hits(  # noqa: PLR0917 - positional on the hot path
     session: Session,
     rows: Any,
     observers: list[ReadObserver],
-    *,
     scalars: bool,
     frame: Frame,
     statement: Any,
@@ -834,8 +826,11 @@ def _guarded_identity_lookup(
         interested = None
     if not interested:
         return original(self, mapper, *args, **kwargs)
-    with push_frame(self) as frame:
+    frame = push_frame(self)
+    try:
         instance = original(self, mapper, *args, **kwargs)
+    finally:
+        pop_frame(self, frame)
     try:
         state = getattr(instance, "_sa_instance_state", None)
         hit = hit_after_lookup(state, frame) if state is not None else None

@@ -283,3 +283,63 @@ def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
     assert {first, other} == {f"{name} ({ident})" for name, ident in names.items()}
     assert finding.location is not None
     assert finding.location.startswith(__file__)
+
+
+def test_a_flush_overlapping_another_threads_statement_is_one_cross_thread(db):
+    """A flush in one thread while another thread runs a statement: one finding."""
+    engine = db.engine()
+    guard = install_guard(engine)
+    session = Session(engine)
+    session.execute(select(User)).all()  # the transaction is open
+    session.add(User(id=7, name="pending"))
+    inside = threading.Barrier(2, timeout=10)
+    waiting = threading.local()
+    one_at_a_time = threading.Lock()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def meet(*args: Any) -> None:
+        if getattr(waiting, "armed", False):
+            waiting.armed = False
+            inside.wait()  # both threads are inside the session here
+            one_at_a_time.acquire()
+            waiting.holding = True
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def leave(*args: Any) -> None:
+        if getattr(waiting, "holding", False):
+            waiting.holding = False
+            one_at_a_time.release()
+
+    errors: list[BaseException] = []
+
+    def run(work: Any) -> None:
+        try:
+            waiting.armed = True
+            work()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            errors.append(error)
+            inside.abort()
+
+    workers = [
+        threading.Thread(target=run, args=(session.flush,), name="flusher"),
+        threading.Thread(
+            # text() does not autoflush: this thread only reads.
+            target=run,
+            args=(lambda: session.execute(text("SELECT 1")).all(),),
+            name="reader",
+        ),
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    event.remove(engine, "before_cursor_execute", meet)
+    event.remove(engine, "after_cursor_execute", leave)
+    session.rollback()
+    session.close()
+    assert errors == []
+    (finding,) = _cross_thread(guard)
+    names = {worker.name: worker.ident for worker in workers}
+    assert {finding.first_thread, finding.other_thread} == {
+        f"{name} ({ident})" for name, ident in names.items()
+    }
