@@ -4,8 +4,9 @@ tells: which threads are inside a session right now (``cross_thread``), and
 which connections user code was handed (writes that bypass the session).
 
 - ``Session._execute_internal`` (every ``execute()``, ``scalars()``,
-  ``get()`` that emits SQL, lazy load, legacy ``Query``) and ``Session.flush``
-  (explicit, autoflush, commit) run inside a bracket that records the calling
+  ``get()`` that emits SQL, lazy load, legacy ``Query``) and ``Session._flush``
+  (a flush with something to flush: explicit, autoflush, commit) run inside a
+  bracket that records the calling
   thread for sessions a guard watches. A second thread entering while the
   first is still inside is an overlap; a session handed from thread to thread
   is used by one thread at a time and never overlaps.
@@ -178,7 +179,10 @@ def _connection(self: Session, *args: Any, **kwargs: Any) -> Any:
 _WRAPPERS: dict[str, tuple[Callable[..., Any], list[str]]] = {
     # name: (wrapper, the leading parameters SQLAlchemy's method must have)
     "_execute_internal": (_bracketed("_execute_internal"), ["self", "statement"]),
-    "flush": (_bracketed("flush"), ["self", "objects"]),
+    # _flush, not flush: flush() returns at once when there is nothing to
+    # flush (every commit calls it), and raises by itself for a second
+    # flush while one is running.
+    "_flush": (_bracketed("_flush"), ["self", "objects"]),
     "connection": (_connection, ["self", "bind_arguments"]),
 }
 

@@ -116,7 +116,7 @@ class Telemetry:
         tracer_live, tracer_later = _recording(self.tracer)
         meter_live, meter_later = _recording(meter)
         self.live = tracer_live or meter_live
-        self._may_go_live = tracer_later or meter_later
+        self.may_go_live = tracer_later or meter_later
         self.transactions = meter.create_counter(
             "sessionguard.transactions",
             unit="{transaction}",
@@ -170,7 +170,7 @@ class Telemetry:
         """Whether telemetry can record now (and from now on)."""
         if self.live:
             return True
-        if not self._may_go_live or not (
+        if not self.may_go_live or not (
             # The API's proxies start to record once a provider is set
             # globally: until then, two attribute reads per transaction.
             getattr(trace, "_TRACER_PROVIDER", True) is not None
@@ -180,7 +180,7 @@ class Telemetry:
         tracer_live, tracer_later = _recording(self.tracer)
         meter_live, meter_later = _recording(self._meter)
         self.live = tracer_live or meter_live
-        self._may_go_live = tracer_later or meter_later
+        self.may_go_live = tracer_later or meter_later
         return self.live
 
     @property

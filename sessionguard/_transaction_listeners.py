@@ -56,7 +56,11 @@ class TransactionListeners(ConnectionListeners):
                     values["max_identity_map_size"], size
                 )
             telemetry = self._telemetry
-            if telemetry.live or telemetry.debug_on or telemetry.went_live():
+            if (
+                telemetry.live
+                or telemetry.debug_on
+                or (telemetry.may_go_live and telemetry.went_live())
+            ):
                 # Only what can be recorded is measured: with OpenTelemetry's
                 # no-op providers and debug logging off, a transaction costs
                 # the counters above and nothing else.
