@@ -122,6 +122,11 @@ class _Counters:
             self.values = dict.fromkeys(_COUNTERS, 0)
 
 
+_NOT_CHECKED = object()
+"""SessionState.bind until a statement's bind was found to be the guard's own
+(never identical to a Session.bind, which may be None)."""
+
+
 class SessionState:
     """What one guard knows of one session; lives as long as the session."""
 
@@ -152,7 +157,7 @@ class SessionState:
         # is the guard's engine and nothing else can choose another (no
         # per-mapper binds, get_bind() not overridden): the per-statement
         # engine filter is then one comparison.
-        self.bind: object = None
+        self.bind: object = _NOT_CHECKED
         self.cross_thread_reported = False
         # The map at begin (close() swaps in an empty one before the
         # transaction ends) and the most objects seen at a statement: the
@@ -284,6 +289,7 @@ class GuardCore:
     def _forget(self, state: SessionState, key: int) -> None:
         """A session was garbage-collected."""
         self._sessions.pop(key, None)
+        _session_hooks.forget(key)
         self._abandoned(state, key)
 
     def _abandoned(self, state: SessionState, session_id: int) -> None:

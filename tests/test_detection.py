@@ -1495,3 +1495,29 @@ def test_a_loop_of_writes_is_reported_once_per_table_and_kind(sqlite_db, seed):
         session.execute(text("UPDATE sg_users SET name = 'again'"))
         assert len(guard.findings) == 2  # a new transaction reports again
         del user
+
+
+def test_engine_guard_counts_only_its_engines_statements_of_a_routing_session(db, seed):
+    """
+    A session that chooses its engine per statement (get_bind() overridden, no
+    bind): only the statements routed to the guard's engine are the guard's,
+    the second and later ones too (the per-session shortcut must not stick).
+    """
+    seed(db)
+    engine_a, engine_b = db.engine(), db.engine()
+    guard = install_guard(engine_a)
+    route = {"to": engine_a}
+
+    class Routing(Session):
+        def get_bind(self, mapper=None, clause=None, **kw):  # type: ignore[override]
+            return route["to"]
+
+    with Routing() as session:
+        session.scalars(select(User)).all()  # on A
+        session.scalars(select(User)).all()  # on A
+        route["to"] = engine_b
+        session.scalars(select(User)).all()  # on B: not the guard's
+        session.scalars(select(User)).all()  # on B
+        route["to"] = engine_a
+        session.scalars(select(User)).all()  # on A
+    assert guard.stats().statements == 3

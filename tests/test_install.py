@@ -17,6 +17,7 @@ from sessionguard import (
     GuardConfig,
     SessionGuardError,
     StaleRead,
+    _session_hooks,
     _stale,
     install_guard,
 )
@@ -330,8 +331,10 @@ def test_guard_keeps_no_session_alive(sqlite_db, seed):
     engine = sqlite_db.engine()
     guard = install_guard(engine, expire={"begin"})
     refs = []
+    keys = []
     for _ in range(200):
         session = Session(engine)
+        keys.append(session.hash_key)
         user = session.get(User, 1)
         assert user is not None
         session.commit()
@@ -342,6 +345,7 @@ def test_guard_keeps_no_session_alive(sqlite_db, seed):
     gc.collect()
     assert [ref for ref in refs if ref() is not None] == []
     assert len(guard._sessions) == 0
+    assert not set(keys) & set(_session_hooks._inside)  # the thread brackets too
     assert guard.stats().transactions == 400
 
 
