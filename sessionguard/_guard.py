@@ -133,9 +133,9 @@ class Guard(ReadListeners):
             self._target_finalizer = None
         if self._lookup_hooked:
             _stale.release_hooks(self, statements=self._statements_hooked)
-            self._lookup_hooked = False
+            self._lookup_hooked = self._statements_hooked = False
         _session_hooks.release(self)
-        for session_id in self._sessions:
+        for session_id in list(self._sessions):
             if not any(session_id in other._sessions for other in list(_live)):
                 _session_hooks.forget(session_id)
         if self._restore_async_maker is not None:
