@@ -23,6 +23,7 @@ checked first (the same on SQLAlchemy 2.0.x and 2.1.x).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from typing import TYPE_CHECKING, Any
@@ -205,6 +206,9 @@ def acquire(observer: SessionObserver) -> None:
                     continue
                 if original is not None and _signature_ok(original, leading):
                     _hooks.originals[name] = original
+                    # Name, docstring and signature (via __wrapped__) stay
+                    # SQLAlchemy's for whoever inspects the method.
+                    functools.update_wrapper(wrapper, original)
                     setattr(Session, name, wrapper)
         _hooks.users += 1
         _hooks.observers = (*_hooks.observers, observer)

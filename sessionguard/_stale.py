@@ -12,6 +12,7 @@ it returns findings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import threading
@@ -890,6 +891,10 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
     with _hooks.lock:
         if _hooks.users == 0 and _lookup_signature_ok():
             _hooks.original_identity_lookup = Session.__dict__["_identity_lookup"]
+            # Name, docstring and signature stay SQLAlchemy's for inspection.
+            functools.update_wrapper(
+                _guarded_identity_lookup, _hooks.original_identity_lookup
+            )
             Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
         _hooks.users += 1
         if statements:
@@ -897,6 +902,7 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
                 event.listen(Mapper, "refresh", _on_refresh, raw=True)
                 if _instances_signature_ok():
                     _hooks.original_instances = loading.instances
+                    functools.update_wrapper(_guarded_instances, loading.instances)
                     loading.instances = _guarded_instances
             _hooks.statement_users += 1
         _hooks.observers = (*_hooks.observers, observer)

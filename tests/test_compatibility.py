@@ -535,3 +535,32 @@ def test_internal_errors_are_counted_every_time_and_logged_once():
         ("statement_hits", "RuntimeError: broken on purpose")
     ]
     engine.dispose()
+
+
+def test_wrapped_session_methods_keep_their_name_doc_and_signature():
+    """The Session methods a guard wraps look the same to whoever inspects them."""
+    import inspect
+
+    from sqlalchemy import create_engine
+
+    names = ("_execute_internal", "_flush", "connection", "_identity_lookup")
+
+    def described() -> dict[str, tuple[str, str | None, str]]:
+        return {
+            name: (
+                getattr(Session, name).__name__,
+                getattr(Session, name).__doc__,
+                str(inspect.signature(getattr(Session, name))),
+            )
+            for name in names
+        }
+
+    originals = {name: Session.__dict__[name] for name in names}
+    before = described()
+    guard = install_guard(create_engine("sqlite://"))
+    try:
+        assert any(Session.__dict__[name] is not originals[name] for name in names)
+        assert described() == before
+    finally:
+        guard.uninstall()
+    assert {name: Session.__dict__[name] for name in names} == originals
