@@ -303,14 +303,25 @@ def evaluate(databases: Sequence[DatabaseResults]) -> list[dict[str, Any]]:
         if not applicable:
             rows.append(_row(target, target.dialect or "any", None, None))
         for db in applicable:
+            floor = target.floor(db) if target.floor is not None else None
             rows.append(
-                _row(target, db.data["label"], target.measured(db), target.limit(db))
+                _row(
+                    target,
+                    db.data["label"],
+                    target.measured(db),
+                    target.limit(db),
+                    floor,
+                )
             )
     return rows
 
 
 def _row(
-    target: Target, database: str, measured: float | None, limit: float | None
+    target: Target,
+    database: str,
+    measured: float | None,
+    limit: float | None,
+    floor: float | None = None,
 ) -> dict[str, Any]:
     return {
         "target": target.text,
@@ -318,6 +329,10 @@ def _row(
         "unit": target.unit,
         "measured": measured,
         "limit": limit,
+        "floor": floor,
+        "floor_above_limit": (
+            floor is not None and limit is not None and floor > limit
+        ),
         "verdict": target.verdict(measured, limit),
     }
 
@@ -520,18 +535,25 @@ def print_targets(rows: Sequence[dict[str, Any]]) -> None:
     print("Targets (issue 10):")
     print(
         _table(
-            ["target", "database", "measured", "limit", "result"],
+            ["target", "database", "measured", "limit", "floor", "result"],
             [
                 [
                     row["target"],
                     row["database"],
                     _number(row["measured"], row["unit"]),
                     _number(row["limit"], row["unit"]),
+                    _number(row.get("floor"), row["unit"])
+                    + (" (> limit)" if row.get("floor_above_limit") else ""),
                     row["verdict"],
                 ]
                 for row in rows
             ],
         )
+    )
+    print(
+        "floor: what does only the target configuration's unavoidable part "
+        "(floor, check-floor, telemetry-floor) in the same run; "
+        "(> limit): no guard can meet that limit in this run."
     )
 
 
@@ -721,8 +743,12 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = [row["verdict"] for row in rows]
         missed = verdicts.count("FAIL")
         unmeasured = verdicts.count("not measured")
+        out_of_reach = sum(
+            1 for row in rows if row["verdict"] == "FAIL" and row["floor_above_limit"]
+        )
         print(
-            f"\n{len(rows) - missed - unmeasured} met, {missed} missed, "
+            f"\n{len(rows) - missed - unmeasured} met, {missed} missed "
+            f"({out_of_reach} of them with the floor itself above the limit), "
             f"{unmeasured} not measured"
         )
         status = 1 if missed else 3 if unmeasured else 0

@@ -34,6 +34,11 @@ class Target:
     strict: bool = False
     """``measured < limit``; otherwise ``measured <= limit``."""
     unit: str = "ratio"
+    floor: Reading | None = None
+    """What no guard can beat in the same run: the configuration that does only
+    what the target's configuration must do (``floor``, ``check-floor``,
+    ``telemetry-floor``). A floor above the limit means the limit is out of
+    reach for any guard in that run."""
 
     def verdict(self, measured: float | None, limit: float | None) -> str:
         if measured is None or limit is None:
@@ -81,24 +86,28 @@ TARGETS: tuple[Target, ...] = (
         "sqlite",
         _ratio("W1", "guard-0"),
         _plus(_ratio("W1", "floor"), 0.05),
+        floor=_ratio("W1", "floor"),
     ),
     Target(
         "W3 guard-0 <= floor + 0.05",
         "sqlite",
         _ratio("W3", "guard-0"),
         _plus(_ratio("W3", "floor"), 0.05),
+        floor=_ratio("W3", "floor"),
     ),
     Target(
         "W1 guard-1pct-sdk <= 1.30",
         "sqlite",
         _ratio("W1", "guard-1pct-sdk"),
         _constant(1.30),
+        floor=_ratio("W1", "telemetry-floor"),
     ),
     Target(
         "W3 guard-1pct-sdk <= 1.15",
         "sqlite",
         _ratio("W3", "guard-1pct-sdk"),
         _constant(1.15),
+        floor=_ratio("W3", "telemetry-floor"),
     ),
     *(
         Target(
@@ -107,23 +116,37 @@ TARGETS: tuple[Target, ...] = (
             _ratio(workload, "guard-1pct-sdk"),
             _ratio(workload, "otel-sqlalchemy"),
             strict=True,
+            floor=_ratio(workload, "telemetry-floor"),
         )
         for workload in ("W1", "W2", "W3")
     ),
     Target(
-        "W1 guard-100 <= 1.20", "sqlite", _ratio("W1", "guard-100"), _constant(1.20)
+        "W1 guard-100 <= 1.20",
+        "sqlite",
+        _ratio("W1", "guard-100"),
+        _constant(1.20),
+        floor=_ratio("W1", "floor"),
     ),
     Target(
-        "W3 guard-100 <= 1.25", "sqlite", _ratio("W3", "guard-100"), _constant(1.25)
+        "W3 guard-100 <= 1.25",
+        "sqlite",
+        _ratio("W3", "guard-100"),
+        _constant(1.25),
+        floor=_ratio("W3", "check-floor"),
     ),
     Target(
-        "W2 guard-100 <= 1.80", "sqlite", _ratio("W2", "guard-100"), _constant(1.80)
+        "W2 guard-100 <= 1.80",
+        "sqlite",
+        _ratio("W2", "guard-100"),
+        _constant(1.80),
+        floor=_ratio("W2", "check-floor"),
     ),
     Target(
         "W1 guard-1pct-sdk <= 1.05",
         "postgresql",
         _ratio("W1", "guard-1pct-sdk"),
         _constant(1.05),
+        floor=_ratio("W1", "telemetry-floor"),
     ),
     *(
         Target(
