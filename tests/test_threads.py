@@ -229,82 +229,25 @@ def test_testclient_shared_session_is_not_cross_thread(db):
     assert _cross_thread(guard) == []
 
 
-def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
-    """Two threads meeting at a barrier inside a statement of one session: exactly one finding."""
-    engine = db.engine()
-    guard = install_guard(engine)
-    session = Session(engine)
-    session.execute(select(User)).all()  # begins: the guard brackets the engine
-    inside = threading.Barrier(2, timeout=10)
+def _meet_inside(engine: Any, works: dict[str, Any]) -> list[threading.Thread]:
+    """
+    Run each of *works* (thread name -> callable using one session) in a thread
+    of its own, the threads meeting at a barrier inside their first statement:
+    both are inside the session at once. Returns the finished threads.
+    """
+    inside = threading.Barrier(len(works), timeout=10)
     waiting = threading.local()
-
-    # Once both are inside, the statements themselves run one at a time: a
+    # Once all are inside, the statements themselves run one at a time: a
     # DBAPI connection used by two threads at once may break (PyMySQL does).
     one_at_a_time = threading.Lock()
 
-    @event.listens_for(engine, "before_cursor_execute")
     def meet(*args: Any) -> None:
-        # Both threads are inside a statement when they pass the barrier.
         if getattr(waiting, "armed", False):
             waiting.armed = False
             inside.wait()
             one_at_a_time.acquire()
             waiting.holding = True
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def leave(*args: Any) -> None:
-        if getattr(waiting, "holding", False):
-            waiting.holding = False
-            one_at_a_time.release()
-
-    errors: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            waiting.armed = True
-            session.execute(select(User)).all()
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
-            errors.append(error)
-            inside.abort()
-
-    workers = [threading.Thread(target=read, name=f"reader-{n}") for n in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    event.remove(engine, "before_cursor_execute", meet)
-    event.remove(engine, "after_cursor_execute", leave)
-    session.rollback()
-    session.close()
-    assert errors == []
-    (finding,) = _cross_thread(guard)
-    names = {worker.name: worker.ident for worker in workers}
-    first, other = finding.first_thread, finding.other_thread
-    assert {first, other} == {f"{name} ({ident})" for name, ident in names.items()}
-    assert finding.location is not None
-    assert finding.location.startswith(__file__)
-
-
-def test_a_flush_overlapping_another_threads_statement_is_one_cross_thread(db):
-    """A flush in one thread while another thread runs a statement: one finding."""
-    engine = db.engine()
-    guard = install_guard(engine)
-    session = Session(engine)
-    session.execute(select(User)).all()  # the transaction is open
-    session.add(User(id=7, name="pending"))
-    inside = threading.Barrier(2, timeout=10)
-    waiting = threading.local()
-    one_at_a_time = threading.Lock()
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def meet(*args: Any) -> None:
-        if getattr(waiting, "armed", False):
-            waiting.armed = False
-            inside.wait()  # both threads are inside the session here
-            one_at_a_time.acquire()
-            waiting.holding = True
-
-    @event.listens_for(engine, "after_cursor_execute")
     def leave(*args: Any) -> None:
         if getattr(waiting, "holding", False):
             waiting.holding = False
@@ -320,26 +263,61 @@ def test_a_flush_overlapping_another_threads_statement_is_one_cross_thread(db):
             errors.append(error)
             inside.abort()
 
+    event.listen(engine, "before_cursor_execute", meet)
+    event.listen(engine, "after_cursor_execute", leave)
     workers = [
-        threading.Thread(target=run, args=(session.flush,), name="flusher"),
-        threading.Thread(
-            # text() does not autoflush: this thread only reads.
-            target=run,
-            args=(lambda: session.execute(text("SELECT 1")).all(),),
-            name="reader",
-        ),
+        threading.Thread(target=run, args=(work,), name=name)
+        for name, work in works.items()
     ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    event.remove(engine, "before_cursor_execute", meet)
-    event.remove(engine, "after_cursor_execute", leave)
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        event.remove(engine, "before_cursor_execute", meet)
+        event.remove(engine, "after_cursor_execute", leave)
+    assert errors == []
+    return workers
+
+
+def _thread_names(workers: list[threading.Thread]) -> set[str]:
+    return {f"{worker.name} ({worker.ident})" for worker in workers}
+
+
+def test_two_threads_inside_one_session_at_once_is_one_cross_thread(db):
+    """Two threads meeting at a barrier inside a statement of one session: exactly one finding."""
+    engine = db.engine()
+    guard = install_guard(engine)
+    session = Session(engine)
+    session.execute(select(User)).all()  # the transaction is open
+
+    def read() -> None:
+        session.execute(select(User)).all()
+
+    workers = _meet_inside(engine, {"reader-0": read, "reader-1": read})
     session.rollback()
     session.close()
-    assert errors == []
     (finding,) = _cross_thread(guard)
-    names = {worker.name: worker.ident for worker in workers}
-    assert {finding.first_thread, finding.other_thread} == {
-        f"{name} ({ident})" for name, ident in names.items()
-    }
+    assert {finding.first_thread, finding.other_thread} == _thread_names(workers)
+    assert finding.location is not None
+    assert finding.location.startswith(__file__)
+
+
+def test_a_flush_overlapping_another_threads_statement_is_one_cross_thread(db):
+    """A flush in one thread while another thread runs a statement: one finding."""
+    engine = db.engine()
+    guard = install_guard(engine)
+    session = Session(engine)
+    session.execute(select(User)).all()  # the transaction is open
+    session.add(User(id=7, name="pending"))
+
+    def read() -> None:
+        # text() does not autoflush: this thread only reads.
+        session.execute(text("SELECT 1")).all()
+
+    workers = _meet_inside(engine, {"flusher": session.flush, "reader": read})
+    session.rollback()
+    session.close()
+    (finding,) = _cross_thread(guard)
+    assert {finding.first_thread, finding.other_thread} == _thread_names(workers)
