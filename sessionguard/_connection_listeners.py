@@ -1,7 +1,10 @@
 """
-Core listeners on the engines guarded sessions use: writes that bypass the
-session (``unsynchronized_write``) and two threads inside one session's
-connection at once (``cross_thread``).
+Writes that bypass the session (``unsynchronized_write``) and two threads
+inside one session at once (``cross_thread``).
+
+Core listeners go only on connections handed to user code
+(``session.connection()``, a session bound to a Connection), never on an
+engine; the threads inside a session are bracketed by ``_session_hooks``.
 """
 
 from __future__ import annotations

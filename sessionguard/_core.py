@@ -4,10 +4,10 @@ What every listener family of a guard shares: its state, counters, findings.
 ``GuardCore`` holds a guard's state and the steps all listener families take
 (record a finding, check hits, expire, notice a new request). Each family of
 listeners lives in a module of its own, layered on top of it:
-``_connection_listeners`` (Core: writes that bypass the session, two threads
-at once), ``_transaction_listeners`` (begin, commit, rollback), and
-``_read_listeners`` (ORM statements, identity lookups); ``_guard`` is the
-public handle.
+``_connection_listeners`` (writes that bypass the session, two threads at
+once, with the process-wide ``Session`` method brackets of ``_session_hooks``),
+``_transaction_listeners`` (begin, commit, rollback), and ``_read_listeners``
+(ORM statements, identity lookups); ``_guard`` is the public handle.
 """
 
 from __future__ import annotations
@@ -91,15 +91,6 @@ class _Counters:
         with self.lock:
             self.values[name] += amount
 
-    def begun(self, identity_map_size: int) -> None:
-        """A transaction began (one lock for both counters)."""
-        with self.lock:
-            values = self.values
-            values["transactions"] += 1
-            values["max_identity_map_size"] = max(
-                values["max_identity_map_size"], identity_map_size
-            )
-
     def ended(self, outcome: str, identity_map_size: int) -> None:
         """A transaction ended with *outcome* (``commit`` or ``rollback``)."""
         with self.lock:
@@ -108,10 +99,6 @@ class _Counters:
             values["max_identity_map_size"] = max(
                 values["max_identity_map_size"], identity_map_size
             )
-
-    def high_water(self, name: str, value: int) -> None:
-        with self.lock:
-            self.values[name] = max(self.values[name], value)
 
     def snapshot(self) -> GuardStats:
         with self.lock:

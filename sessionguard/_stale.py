@@ -184,7 +184,8 @@ def hits_in_rows(
     refreshed = frame.refreshed
     hits: list[Hit] = []
     seen: set[int] = set()
-    if returned and _joined_paths(returned, statement):
+    paths = _joined_paths(returned, statement) if returned else None
+    if paths:
         # Objects that joined eager loads populated count too: every returned
         # object (loaded by this read or not) may have brought some along.
         unique = []
@@ -192,7 +193,7 @@ def hits_in_rows(
             if id(state) not in seen:
                 seen.add(id(state))
                 unique.append(state)
-        unique.extend(_joined_related(unique, statement, seen))
+        unique.extend(_joined_related(unique, paths, seen))
         returned = unique
         seen = set()
     for state in returned:
@@ -251,13 +252,11 @@ def _joined_paths(
 
 
 def _joined_related(
-    states: Sequence[InstanceState[Any]], statement: Any, seen: set[int]
+    states: Sequence[InstanceState[Any]],
+    paths: list[tuple[Mapper[Any], tuple[str, ...]]],
+    seen: set[int],
 ) -> Iterator[InstanceState[Any]]:
-    if not states:
-        return
-    paths = _joined_paths(states, statement)
-    if not paths:
-        return
+    """The objects the joined eager loads *paths* populated from *states*."""
     for state in list(states):
         for root, keys in paths:
             if state.mapper.isa(root):

@@ -83,7 +83,7 @@ class TransactionListeners(ConnectionListeners):
     ) -> None:
         state.began_at = time.perf_counter()
         dialect = connection.dialect
-        state.system = self._system_names.get(dialect) or self._system_name(dialect)
+        state.system = self._system_name(dialect)
         state.namespace = connection.engine.url.database
         state.span = self._telemetry.transaction_begun(session.hash_key, size)
 
@@ -159,7 +159,7 @@ class TransactionListeners(ConnectionListeners):
         if held is not None and held is not session.identity_map:
             size = max(size, len(held._dict))
         counters = self._counters
-        with counters.lock:
+        with counters.lock:  # _Counters.ended(), inline: every transaction
             values = counters.values
             values["commits" if outcome == "commit" else "rollbacks"] += 1
             values["max_identity_map_size"] = max(values["max_identity_map_size"], size)
