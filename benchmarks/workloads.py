@@ -65,27 +65,29 @@ Check = Callable[[Session, Sequence[Item]], None]
 class HandCheck:
     """
     What a guard's check of identity-map hits costs at the least: the same
-    ``SELECT pk, cols FROM table WHERE pk IN (...)`` on the session's own
-    connection (inside a SAVEPOINT on PostgreSQL, as the guard does there),
-    and a comparison of each row with the object's loaded attributes.
+    SELECT on the session's own connection (``WHERE pk = ?`` for one object,
+    ``WHERE pk IN (...)`` for several, as the guard does; inside a SAVEPOINT
+    on PostgreSQL, as the guard does there), and a comparison of each row with
+    the object's loaded attributes.
     """
 
     def __init__(self, dialect_name: str) -> None:
         table = Item.__table__
-        self._statement = select(table.c.id, table.c.name, table.c.price).where(
-            table.c.id.in_(bindparam("pks", expanding=True))
-        )
+        selected = select(table.c.id, table.c.name, table.c.price)
+        self._one = selected.where(table.c.id == bindparam("pks"))
+        self._many = selected.where(table.c.id.in_(bindparam("pks", expanding=True)))
         self._savepoint = dialect_name == "postgresql"
 
     def __call__(self, session: Session, objects: Sequence[Item]) -> None:
         connection = session.connection()
         savepoint = connection.begin_nested() if self._savepoint else None
-        rows = {
-            row[0]: row
-            for row in connection.execute(
-                self._statement, {"pks": [item.id for item in objects]}
+        if len(objects) == 1:
+            found = connection.execute(self._one, {"pks": objects[0].id})
+        else:
+            found = connection.execute(
+                self._many, {"pks": [item.id for item in objects]}
             )
-        }
+        rows = {row[0]: row for row in found}
         if savepoint is not None:
             savepoint.commit()
         for item in objects:

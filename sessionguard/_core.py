@@ -156,7 +156,7 @@ class SessionState:
         self.system = "other_sql"
         self.namespace: str | None = None
         self.stale_reads = 0
-        self.finalizer: weakref.finalize[Any, Any] | None = None
+        self.finalizer: weakref.ref[Session] | None = None
         self.reported_writes: set[tuple[str, str]] = set()
 
 
@@ -267,8 +267,16 @@ class GuardCore:
             state = SessionState()
             # One finalizer per session, not per transaction: it forgets the
             # session, and ends a transaction that a dropped session left
-            # open (no event fires for it).
-            state.finalizer = weakref.finalize(session, self._forget, state, key)
+            # open (no event fires for it). A weak reference with a callback
+            # (what weakref.finalize is made of, without its registry): the
+            # state holds it, so it lives as long as the guard knows the
+            # session; dropping it (uninstall) cancels the callback.
+            made = state
+
+            def collected(_ref: weakref.ref[Session]) -> None:
+                self._forget(made, key)
+
+            state.finalizer = weakref.ref(session, collected)
             state = self._sessions.setdefault(key, state)
             _session_hooks.watch_threads(session)
         return state
@@ -277,7 +285,8 @@ class GuardCore:
         """A session was garbage-collected."""
         self._sessions.pop(key, None)
         _session_hooks.forget(key)
-        self._abandoned(state, key)
+        if state.transaction is not None:
+            self._abandoned(state, key)
 
     def _abandoned(self, state: SessionState, session_id: int) -> None:
         raise NotImplementedError
@@ -324,10 +333,10 @@ class GuardCore:
         counters = self._counters
         with counters.lock:
             values = counters.values
-            if outcome.hits:
-                values["identity_map_hits"] += sum(outcome.hits.values())
-            if outcome.verified:
-                values["verified_objects"] += sum(outcome.verified.values())
+            if outcome.hit_count:
+                values["identity_map_hits"] += outcome.hit_count
+            if outcome.verified_count:
+                values["verified_objects"] += outcome.verified_count
             if skipped:
                 values["skipped_checks"] += skipped
         state = self._sessions.get(session.hash_key)

@@ -143,9 +143,7 @@ class Guard(ReadListeners):
             self._restore_async_maker = None
         for state in list(self._sessions.values()):
             # Transactions still open: end their spans, drop their finalizers.
-            if state.finalizer is not None:
-                state.finalizer.detach()
-                state.finalizer = None
+            state.finalizer = None  # its callback goes with it
             if state.span is not None:
                 span, state.span = state.span, None
                 with contextlib.suppress(Exception):

@@ -13,7 +13,6 @@ from sqlalchemy.sql.elements import TextClause
 
 from . import _stale, _writes
 from ._context import _current as _current_request
-from ._core import SessionState, fail_open
 from ._transaction_listeners import TransactionListeners
 from .exceptions import StaleReadError
 
@@ -21,19 +20,12 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
+    from ._core import SessionState
+
 __all__ = ["ReadListeners"]
 
 
-# The session's per-mapper/table binds: ``.binds`` on 2.1, private on 2.0
-# (read with getattr(session, _BINDS, True): unknown means "there may be").
-_BINDS = next(
-    (
-        name
-        for name in ("binds", "_Session__binds")
-        if name in Session.__init__.__code__.co_names
-    ),
-    "binds",
-)
+_BINDS = _stale.BINDS
 
 
 class ReadListeners(TransactionListeners, _stale.ReadObserver):
@@ -64,7 +56,8 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             with counters.lock:
                 counters.values["statements"] += 1
             size = len(session.identity_map._dict)
-            state.max_identity_map_size = max(state.max_identity_map_size, size)
+            if size > state.max_identity_map_size:  # noqa: PLR1730 - no call
+                state.max_identity_map_size = size
             if _current_request.get() is not None:
                 self._check_request(session, state)
             statement = orm_state.statement
@@ -129,8 +122,7 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
         if (
             session.bind is not None
             and type(session).get_bind is Session.get_bind
-            # the per-mapper/table binds: .binds on 2.1, private on 2.0
-            and not getattr(session, "binds", getattr(session, "_Session__binds", 1))
+            and not getattr(session, _BINDS, True)  # per-mapper/table binds
         ):
             return session.bind
         return session.get_bind(**arguments)
@@ -161,9 +153,13 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             self._internal_error("covers_lookup", error)
             return False
 
-    @fail_open
     def identity_hit(self, session: Session, hit: _stale.Hit) -> None:
-        self._check(session, [hit], raise_stale=True)
+        try:
+            self._check(session, [hit], raise_stale=True)
+        except (StaleReadError, Warning):
+            raise  # asked for: on_stale="raise", or warnings turned into errors
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("identity_hit", error)
 
     def covers_statement(self, session: Session, connection: Connection) -> bool:
         # Sampling first: an unsampled statement costs one random number.
@@ -183,6 +179,10 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             self._internal_error("covers_statement", error)
             return False
 
-    @fail_open
     def statement_hits(self, session: Session, hits: list[_stale.Hit]) -> None:
-        self._check(session, hits, raise_stale=True)
+        try:
+            self._check(session, hits, raise_stale=True)
+        except (StaleReadError, Warning):
+            raise  # asked for: on_stale="raise", or warnings turned into errors
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("statement_hits", error)

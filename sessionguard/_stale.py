@@ -11,7 +11,6 @@ it returns findings.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import itertools
@@ -27,6 +26,8 @@ from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, Relationship, Session, loading
 from sqlalchemy.orm.attributes import get_state_history
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_OFF, SQL_OK
+from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._findings import REDACTED, AttributeDiff, StaleRead
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
     from sqlalchemy.orm.state import InstanceState
-    from sqlalchemy.sql import Select
 
     from ._config import GuardConfig
 
@@ -144,13 +144,20 @@ def _internal_error(where: str, error: BaseException) -> None:
             observer.internal_error(where, error)
 
 
-@dataclasses.dataclass(frozen=True)
 class Hit:
     """An object served from the identity map by one read."""
 
-    state: InstanceState[Any]
-    fresh: frozenset[str] = frozenset()
-    """Attributes that the read itself (re)loaded; they cannot be stale."""
+    __slots__ = ("fresh", "state")
+
+    def __init__(
+        self, state: InstanceState[Any], fresh: frozenset[str] = frozenset()
+    ) -> None:
+        self.state = state
+        self.fresh = fresh
+        """Attributes that the read itself (re)loaded; they cannot be stale."""
+
+    def __repr__(self) -> str:
+        return f"Hit({self.state!r}, fresh={set(self.fresh) or '{}'})"
 
 
 def hits_in_rows(
@@ -180,11 +187,13 @@ def hits_in_rows(
             for element in row
         ]
     returned = [state for state in states if state is not None and state.key]
+    if not returned:
+        return []
     loaded = frame.loaded
     refreshed = frame.refreshed
     hits: list[Hit] = []
     seen: set[int] = set()
-    paths = _joined_paths(returned, statement) if returned else None
+    paths = _joined_paths(returned, statement)
     if paths:
         # Objects that joined eager loads populated count too: every returned
         # object (loaded by this read or not) may have brought some along.
@@ -205,13 +214,11 @@ def hits_in_rows(
         fresh = refreshed.get(state)
         if fresh is not None and fresh.issuperset(state.dict):
             continue  # the read (re)loaded everything the object holds
-        hits.append(Hit(state, frozenset(fresh) if fresh else frozenset()))
+        hits.append(Hit(state, frozenset(fresh) if fresh else _NOTHING))
     return hits
 
 
-_default_joined: weakref.WeakKeyDictionary[Mapper[Any], tuple[str, ...]] = (
-    weakref.WeakKeyDictionary()
-)
+_NOTHING: frozenset[str] = frozenset()
 
 
 def _joined_paths(
@@ -236,16 +243,20 @@ def _joined_paths(
                 paths.append((natural[0], keys))
             else:
                 others.add((natural[0], keys))
-    # One mapper per class (state.mapper is a property: ask once per class).
-    mappers = {state.class_: state for state in states}
-    for mapper in {state.mapper for state in mappers.values()}:
-        defaults = _default_joined.get(mapper)
-        if defaults is None:
-            defaults = tuple(
-                prop.key for prop in mapper.relationships if prop.lazy == "joined"
-            )
-            _default_joined[mapper] = defaults
-        for key in defaults:
+    # The mappers of the returned objects, each once. The class manager holds
+    # its mapper as a plain attribute (state.mapper is a property); results
+    # are mostly of one class, so a run of the same manager costs nothing.
+    mappers: list[Mapper[Any]] = []
+    last = None
+    for state in states:
+        manager = state.manager
+        if manager is not last:
+            last = manager
+            mapper = manager.mapper
+            if mapper not in mappers:
+                mappers.append(mapper)
+    for mapper in mappers:
+        for key in _mapper_info(mapper).joined:
             if (mapper, (key,)) not in others:
                 paths.append((mapper, (key,)))
     return paths
@@ -286,90 +297,138 @@ def hit_after_lookup(state: InstanceState[Any], frame: Frame) -> Hit | None:
     if state.key is None or state in frame.loaded:
         return None
     fresh = frame.refreshed.get(state)
-    return Hit(state, frozenset(fresh) if fresh else frozenset())
+    return Hit(state, frozenset(fresh) if fresh else _NOTHING)
 
 
-@dataclasses.dataclass
 class CheckOutcome:
     """What checking a batch of hits found."""
 
-    findings: list[StaleRead] = dataclasses.field(default_factory=list)
-    errors: list[tuple[str, BaseException]] = dataclasses.field(default_factory=list)
-    verified: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Objects checked, by entity."""
-    skipped_outside_greenlet: int = 0
-    skipped_identity_token: int = 0
-    skipped_partial_key: int = 0
-    dialect: Dialect | None = None
-    """The dialect of the (first) database checked."""
-    hits: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Objects that kept an attribute value from the identity map, by entity."""
+    __slots__ = (
+        "dialect",
+        "errors",
+        "findings",
+        "hit_count",
+        "hits",
+        "skipped_identity_token",
+        "skipped_outside_greenlet",
+        "skipped_partial_key",
+        "verified",
+        "verified_count",
+    )
+
+    def __init__(self) -> None:
+        self.findings: list[StaleRead] = []
+        self.errors: list[tuple[str, BaseException]] = []
+        self.verified: dict[str, int] = {}
+        """Objects checked, by entity."""
+        self.verified_count = 0
+        self.hits: dict[str, int] = {}
+        """Objects that kept an attribute value from the identity map, by entity."""
+        self.hit_count = 0
+        self.skipped_outside_greenlet = 0
+        self.skipped_identity_token = 0
+        self.skipped_partial_key = 0
+        self.dialect: Dialect | None = None
+        """The dialect of the (first) database checked."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _MapperColumns:
-    """The plain table columns of a mapper, by attribute key."""
+class _MapperInfo:
+    """What a check needs to know of one mapper, worked out once."""
 
-    columns: dict[str, Column[Any]]
+    __slots__ = ("columns", "entity", "joined", "pk_width", "plans", "primary_key")
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        tables = set(mapper.tables)
+        primary_key = list(mapper.primary_key)
+        columns: dict[str, Column[Any]] = {}
+        for prop in mapper.column_attrs:
+            column = prop.columns[0]
+            # SQL-expression column_property()s are computed, not stored: skip.
+            # The primary key is the identity the row is found by, not compared.
+            if (
+                isinstance(column, Column)
+                and column.table in tables
+                and not set(primary_key).intersection(prop.columns)
+            ):
+                columns[prop.key] = column
+        self.columns = columns
+        """The plain table columns, by attribute key."""
+        self.entity: str = mapper.class_.__name__
+        self.primary_key = primary_key
+        self.pk_width = len(primary_key)
+        self.joined = tuple(
+            prop.key for prop in mapper.relationships if prop.lazy == "joined"
+        )
+        """Relationships loaded by joined eager loading unless a read says not."""
+        self.plans: dict[tuple[str, ...], _Plan] = {}
 
 
-_columns_cache: weakref.WeakKeyDictionary[Mapper[Any], _MapperColumns] = (
+class _Plan:
+    """The check's SELECT of some attributes of a mapper, and how to compare."""
+
+    __slots__ = ("compare", "many", "one")
+
+    def __init__(
+        self, mapper: Mapper[Any], info: _MapperInfo, keys: tuple[str, ...]
+    ) -> None:
+        primary_key = info.primary_key
+        selected = select(*primary_key, *(info.columns[key] for key in keys))
+        selected = selected.select_from(mapper.persist_selectable)
+        # The option travels with the cached statement (no per-execution
+        # merge): it tells the check's SELECT apart from the user's
+        # (SQLAlchemy's suite hides it from its SQL assertions by it).
+        if len(primary_key) == 1:
+            self.one: Select[Any] | None = selected.where(
+                primary_key[0] == bindparam(_PKS)
+            ).execution_options(**_VERIFICATION_OPTIONS)
+            criterion = primary_key[0].in_(bindparam(_PKS, expanding=True))
+        else:
+            self.one = None
+            criterion = tuple_(*primary_key).in_(bindparam(_PKS, expanding=True))
+        self.many: Select[Any] = selected.where(criterion).execution_options(
+            **_VERIFICATION_OPTIONS
+        )
+        self.compare: dict[str, tuple[int, TypeEngine[Any] | None]] = {}
+        """key: (position in the row, the type to compare with, or None for ==)."""
+        for index, key in enumerate(keys):
+            type_ = info.columns[key].type
+            # TypeEngine.compare_values() is ``x == y``; only an override (a
+            # TypeDecorator, PickleType, ARRAY...) is worth a call per value.
+            plain = type(type_).compare_values is TypeEngine.compare_values
+            self.compare[key] = (info.pk_width + index, None if plain else type_)
+
+
+_mapper_infos: weakref.WeakKeyDictionary[Mapper[Any], _MapperInfo] = (
     weakref.WeakKeyDictionary()
 )
-_statement_cache: weakref.WeakKeyDictionary[
-    Mapper[Any], dict[tuple[str, ...], Select[Any]]
-] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 
-def _mapper_columns(mapper: Mapper[Any]) -> _MapperColumns:
-    cached = _columns_cache.get(mapper)
-    if cached is not None:
-        return cached
-    tables = set(mapper.tables)
-    primary_key = set(mapper.primary_key)
-    columns: dict[str, Column[Any]] = {}
-    for prop in mapper.column_attrs:
-        column = prop.columns[0]
-        # SQL-expression column_property()s are computed, not stored: skip.
-        # The primary key is the identity the row is found by, not compared.
-        if (
-            isinstance(column, Column)
-            and column.table in tables
-            and not primary_key.intersection(prop.columns)
-        ):
-            columns[prop.key] = column
-    result = _MapperColumns(columns)
-    with _cache_lock:
-        _columns_cache[mapper] = result
-    return result
+# The mapper looked up last, and its info: most reads are of one class.
+_last_info: tuple[weakref.ref[Mapper[Any]] | None, _MapperInfo | None] = (None, None)
 
 
-def _statement(mapper: Mapper[Any], keys: tuple[str, ...]) -> Select[Any]:
-    per_mapper = _statement_cache.get(mapper)
-    if per_mapper is not None:
-        statement = per_mapper.get(keys)
-        if statement is not None:
-            return statement
-    columns = _mapper_columns(mapper).columns
-    primary_key = list(mapper.primary_key)
-    selected = [*primary_key, *(columns[key] for key in keys)]
-    if len(primary_key) == 1:
-        criterion = primary_key[0].in_(bindparam(_PKS, expanding=True))
-    else:
-        criterion = tuple_(*primary_key).in_(bindparam(_PKS, expanding=True))
-    # The option travels with the cached statement (no per-execution merge):
-    # it tells the check's SELECT apart from the user's (SQLAlchemy's suite
-    # hides it from its SQL assertions by it).
-    statement = (
-        select(*selected)
-        .select_from(mapper.persist_selectable)
-        .where(criterion)
-        .execution_options(**_VERIFICATION_OPTIONS)
-    )
-    with _cache_lock:
-        _statement_cache.setdefault(mapper, {})[keys] = statement
-    return statement
+def _mapper_info(mapper: Mapper[Any]) -> _MapperInfo:
+    global _last_info  # noqa: PLW0603 - a one-entry cache in front of the dict
+    last_ref, last = _last_info
+    if last is not None and last_ref is not None and last_ref() is mapper:
+        return last
+    info = _mapper_infos.get(mapper)
+    if info is None:
+        made = _MapperInfo(mapper)
+        with _cache_lock:
+            info = _mapper_infos.setdefault(mapper, made)
+    _last_info = (weakref.ref(mapper), info)
+    return info
+
+
+def _plan(mapper: Mapper[Any], info: _MapperInfo, keys: tuple[str, ...]) -> _Plan:
+    plan = info.plans.get(keys)
+    if plan is None:
+        made = _Plan(mapper, info, keys)
+        with _cache_lock:
+            plan = info.plans.setdefault(keys, made)
+    return plan
 
 
 def _cached_keys(
@@ -404,44 +463,68 @@ def _cached_keys(
     return cached, keys
 
 
-class _Borrowed:
-    """The connection a check runs on, and how to leave it as it was."""
+# The session's per-mapper/table binds: ``.binds`` on 2.1, private on 2.0
+# (read with getattr(session, BINDS, True): unknown means "there may be").
+BINDS = next(
+    (
+        name
+        for name in ("binds", "_Session__binds")
+        if name in Session.__init__.__code__.co_names
+    ),
+    "binds",
+)
+_get_bind = Session.get_bind
 
-    __slots__ = ("connection", "owned", "restore_autobegin")
 
-    def __init__(self, connection: Connection, owned: bool, restore: bool) -> None:
-        self.connection = connection
-        self.owned = owned
-        self.restore_autobegin = restore
+def _bind_of(session: Session, mapper: Mapper[Any]) -> Engine | Connection:
+    """``session.get_bind(mapper=mapper)``, without the call for a one-bind session."""
+    bind = session.bind
+    if (
+        bind is not None
+        and type(session).get_bind is _get_bind
+        and not getattr(session, BINDS, True)
+    ):
+        return bind
+    return session.get_bind(mapper=mapper)
 
 
-def _borrow_connection(session: Session, mapper: Mapper[Any]) -> _Borrowed:
-    bind = session.get_bind(mapper=mapper)
-    transaction = session.get_transaction()
+def _borrow_connection(
+    session: Session, bind: Engine | Connection, mapper: Mapper[Any]
+) -> tuple[Connection, bool, bool]:
+    """
+    (the connection a check runs on, whether the check opened it, whether to
+    roll back the transaction the check's SELECT autobegins on it).
+    """
+    transaction = session._transaction
+    while transaction is not None and transaction._parent is not None:
+        transaction = transaction._parent
     if transaction is not None:
         connection = _transaction_connection(transaction, bind, mapper)
         if connection is not None:
-            return _Borrowed(connection, owned=False, restore=False)
+            return connection, False, False
     if isinstance(bind, Connection):
-        return _Borrowed(bind, owned=False, restore=not bind.in_transaction())
+        return bind, False, not bind.in_transaction()
     assert isinstance(bind, Engine)
-    return _Borrowed(bind.connect(), owned=True, restore=False)
+    return bind.connect(), True, False
 
 
 def _transaction_connection(
     transaction: Any, bind: Engine | Connection, mapper: Mapper[Any]
 ) -> Connection | None:
     """The connection *transaction* already holds for *bind*, without acquiring one."""
-    bound_connection = getattr(transaction, "bound_connection", None)
-    if bound_connection is not None:  # SQLAlchemy 2.1.7+
+    # The root transaction's connection map, keyed by bind (what 2.1.7's
+    # public bound_connection() reads, after asking get_bind() once more).
+    connections = getattr(transaction, "_connections", None)
+    if connections is None:
+        bound_connection = getattr(transaction, "bound_connection", None)
+        if bound_connection is None:
+            return None
         try:
             connection: Connection = bound_connection(mapper)
         except exc.InvalidRequestError:
             return None
         return connection
-    # SQLAlchemy 2.0.x: the root transaction's connection map, keyed by bind
-    # and by engine.
-    entry = transaction._connections.get(bind)
+    entry = connections.get(bind)
     if entry is None:
         return None
     found: Connection = entry[0]
@@ -462,41 +545,52 @@ def check_hits(
     check runs in a SAVEPOINT so that a failure leaves the transaction usable.
     """
     outcome = CheckOutcome()
-    by_mapper: dict[Mapper[Any], list[tuple[InstanceState[Any], list[str]]]] = {}
+    # mapper: (its info, [(state, keys to compare)], [identities])
+    by_mapper: dict[
+        Mapper[Any],
+        tuple[_MapperInfo, list[tuple[InstanceState[Any], list[str]]], list[Any]],
+    ] = {}
     session_id = session.hash_key
-    columns_of: dict[Mapper[Any], dict[str, Column[Any]]] = {}
     for hit in hits:
         state = hit.state
+        key = state.key
         # Objects of this session only, and not deleted by its own flush.
-        if state.session_id != session_id or state._deleted:
+        if key is None or state.session_id != session_id or state._deleted:
             continue
-        if state.key is not None and state.key[2] is not None:
+        if key[2] is not None:
             # An identity token (horizontal sharding): which shard holds the
             # row is the sharded session's business; not checked, counted.
             outcome.skipped_identity_token += 1
             continue
-        if state.key is not None and None in state.key[1]:
+        identity = key[1]
+        if None in identity:
             # A partial primary key (a mapper over an outer join,
             # allow_partial_pks): "pk IN (...)" never matches a NULL part, so
             # the row cannot be found this way; not checked, counted.
             outcome.skipped_partial_key += 1
             continue
-        mapper = state.mapper
-        columns = columns_of.get(mapper)
-        if columns is None:
-            columns = columns_of[mapper] = _mapper_columns(mapper).columns
-        cached, keys = _cached_keys(state, hit, columns)
-        if cached:
-            entity = mapper.class_.__name__
-            outcome.hits[entity] = outcome.hits.get(entity, 0) + 1
-            by_mapper.setdefault(mapper, []).append((state, keys))
-    for mapper, entries in by_mapper.items():
-        entity = mapper.class_.__name__
+        mapper = state.manager.mapper
+        group = by_mapper.get(mapper)
+        info = _mapper_info(mapper) if group is None else group[0]
+        cached, keys = _cached_keys(state, hit, info.columns)
+        if not cached:
+            continue
+        entity = info.entity
+        outcome.hits[entity] = outcome.hits.get(entity, 0) + 1
+        outcome.hit_count += 1
+        if group is None:
+            by_mapper[mapper] = (info, [(state, keys)], [identity])
+        else:
+            group[1].append((state, keys))
+            group[2].append(identity)
+    for mapper, (info, entries, identities) in by_mapper.items():
         try:
             _check_mapper(
                 session,
                 mapper,
-                entries=entries,
+                info,
+                entries,
+                identities,
                 config=config,
                 outcome=outcome,
                 location=location,
@@ -504,7 +598,7 @@ def check_hits(
         except _OutsideGreenlet:
             outcome.skipped_outside_greenlet += len(entries)
         except Exception as error:  # noqa: BLE001 - a check never breaks the read
-            outcome.errors.append((entity, error))
+            outcome.errors.append((info.entity, error))
     return outcome
 
 
@@ -515,40 +609,56 @@ class _OutsideGreenlet(Exception):
 def _check_mapper(
     session: Session,
     mapper: Mapper[Any],
-    *,
+    info: _MapperInfo,
     entries: list[tuple[InstanceState[Any], list[str]]],
+    identities: list[Any],
+    *,
     config: GuardConfig,
     outcome: CheckOutcome,
     location: Callable[[], str | None],
 ) -> None:
-    bind = session.get_bind(mapper=mapper)
+    bind = _bind_of(session, mapper)
+    dialect = bind.dialect
     if outcome.dialect is None:
-        outcome.dialect = bind.dialect
-    if bind.dialect.is_async and not in_greenlet():
+        outcome.dialect = dialect
+    if dialect.is_async and not in_greenlet():
         raise _OutsideGreenlet
-    keys = tuple(sorted({key for _, state_keys in entries for key in state_keys}))
-    statement = _statement(mapper, keys)
-    columns = _mapper_columns(mapper).columns
-    pk_width = len(mapper.primary_key)
-    identities = [state.key[1] for state, _ in entries if state.key is not None]
-    rows = _fetch(session, mapper, statement, identities, pk_width)
-    entries, rows = _pair_normalised_keys(entries, rows)
-    entity = mapper.class_.__name__
+    # The attributes to select: the first object's, in the mapper's column
+    # order, unless the objects differ (then all of theirs, in that order).
+    keys_of_first = entries[0][1]
+    for _, state_keys in entries:
+        if state_keys != keys_of_first:
+            wanted = {key for _, keys in entries for key in keys}
+            keys = tuple(key for key in info.columns if key in wanted)
+            break
+    else:
+        keys = tuple(keys_of_first)
+    plan = _plan(mapper, info, keys)
+    rows = _fetch(session, bind, mapper, plan, identities, info.pk_width)
+    for state, _ in entries:
+        if state.key[1] not in rows:  # type: ignore[index]
+            entries, rows = _pair_normalised_keys(entries, rows)
+            break
+    entity = info.entity
     outcome.verified[entity] = outcome.verified.get(entity, 0) + len(entries)
+    outcome.verified_count += len(entries)
     where: str | None = None
-    position = {key: pk_width + index for index, key in enumerate(keys)}
-    types = {key: columns[key].type for key in keys}
+    compare = plan.compare
     for state, state_keys in entries:
-        assert state.key is not None
-        identity = tuple(state.key[1])
+        identity: tuple[Any, ...] = state.key[1]  # type: ignore[index]
         row = rows.get(identity)
         diffs: list[AttributeDiff] = []
         if row is not None:
             loaded = state.dict
             for key in state_keys:
                 cached = loaded.get(key)
-                current = row[position[key]]
-                if not types[key].compare_values(cached, current):
+                position, type_ = compare[key]
+                current = row[position]
+                if not (
+                    cached == current
+                    if type_ is None
+                    else type_.compare_values(cached, current)
+                ):
                     diffs.append(_diff(config, key, cached, current))
             if not diffs:
                 continue
@@ -605,19 +715,19 @@ def _diff(config: GuardConfig, key: str, cached: Any, current: Any) -> Attribute
     return AttributeDiff(key, REDACTED, REDACTED)
 
 
-def _fetch(
+def _fetch(  # noqa: PLR0917 - positional on the hot path
     session: Session,
+    bind: Engine | Connection,
     mapper: Mapper[Any],
-    statement: Select[Any],
-    identities: list[tuple[Any, ...]],
+    plan: _Plan,
+    identities: list[Any],
     pk_width: int,
 ) -> dict[tuple[Any, ...], Sequence[Any]]:
-    borrowed = _borrow_connection(session, mapper)
-    connection = borrowed.connection
+    connection, owned, restore_autobegin = _borrow_connection(session, bind, mapper)
     savepoint = None
     try:
         if (
-            not borrowed.owned
+            not owned
             and connection.dialect.name == "postgresql"
             and connection.in_transaction()
             and not _autocommit(connection)
@@ -627,11 +737,17 @@ def _fetch(
             # AUTOCOMMIT there is no transaction to keep, and no SAVEPOINT.)
             savepoint = connection.begin_nested()
         rows: dict[tuple[Any, ...], Sequence[Any]] = {}
-        for start in range(0, len(identities), _BATCH):
-            chunk = identities[start : start + _BATCH]
-            params = [ident[0] for ident in chunk] if pk_width == 1 else chunk
-            for row in connection.execute(statement, {_PKS: params}):
-                rows[tuple(row[:pk_width])] = row
+        if plan.one is not None and len(identities) == 1:
+            # One object: "pk = :pk" (an expanding IN costs a rewrite of the
+            # compiled SQL on every execution).
+            for row in connection.execute(plan.one, {_PKS: identities[0][0]}):
+                rows[(row[0],)] = row
+        else:
+            for start in range(0, len(identities), _BATCH):
+                chunk = identities[start : start + _BATCH]
+                params = [ident[0] for ident in chunk] if pk_width == 1 else chunk
+                for row in connection.execute(plan.many, {_PKS: params}):
+                    rows[tuple(row[:pk_width])] = row
         if savepoint is not None:
             savepoint.commit()
             savepoint = None
@@ -639,9 +755,9 @@ def _fetch(
     finally:
         if savepoint is not None and savepoint.is_active:
             savepoint.rollback()
-        if borrowed.owned:
+        if owned:
             connection.close()
-        elif borrowed.restore_autobegin and connection.in_transaction():
+        elif restore_autobegin and connection.in_transaction():
             connection.rollback()
 
 
@@ -707,33 +823,41 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     observers = _hooks.observers
     if not observers:
         return original(cursor, context)
+    interested: list[ReadObserver] | None = None
     try:
         # Loads that overwrite what they find (populate_existing, refresh()
         # and unexpire loads) cannot serve stale state; the objects of DML
         # RETURNING are the session's own writes; a server-side cursor cannot
         # share its connection with a check while it is being read.
-        interested = None
         statement = context.query
         execution_context = getattr(cursor, "context", None)
         if not (
             context.populate_existing
             or context.refresh_state is not None
-            or getattr(statement, "is_dml", False)
-            or getattr(getattr(statement, "element", None), "is_dml", False)
             or execution_context is None
             or execution_context._is_server_side
+            or (
+                type(statement) is not Select  # a plain SELECT is no DML
+                and (
+                    getattr(statement, "is_dml", False)
+                    or getattr(getattr(statement, "element", None), "is_dml", False)
+                )
+            )
         ):
             session = context.session
             connection = execution_context.root_connection
-            interested = [
-                o for o in observers if o.covers_statement(session, connection)
-            ]
+            for observer in observers:
+                if observer.covers_statement(session, connection):
+                    if interested is None:
+                        interested = [observer]
+                    else:
+                        interested.append(observer)
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("orm statement", error)
         interested = None
-    if not interested:
+    if interested is None:
         return original(cursor, context)
     frame = Frame()
     key = id(context)
@@ -770,9 +894,19 @@ def _watch_chunks(
             _report_hits(session, rows, observers, scalars, frame, statement, runid)
         return
 
+    identity_map = session.identity_map
+
     def chunks(size: int | None) -> Iterator[Any]:
         source = source_chunks(size)
         while True:
+            if not identity_map._dict:
+                # Nothing in the map: every object of this chunk is made by
+                # it (a new session's first read), none can be served stale.
+                rows = next(source, _END)
+                if rows is _END:
+                    return
+                yield rows
+                continue
             _context_frames[key] = frame
             try:
                 rows = next(source, _END)
@@ -815,7 +949,9 @@ def _guarded_identity_lookup(
     self: Session, mapper: Mapper[Any], *args: Any, **kwargs: Any
 ) -> Any:
     original = _hooks.original_identity_lookup
-    if not _hooks.observers:
+    if not _hooks.observers or not self.identity_map._dict:
+        # An empty map answers nothing: the read goes to the database, where
+        # the statement hooks and listeners see it.
         return original(self, mapper, *args, **kwargs)
     try:
         interested = _lookup_observers(self, mapper, args, kwargs)
@@ -859,7 +995,14 @@ def _lookup_observers(
     )
     if not passive & SQL_OK or session._flushing:
         return None
-    return [o for o in _hooks.observers if o.covers_lookup(session, mapper)]
+    interested = None
+    for observer in _hooks.observers:
+        if observer.covers_lookup(session, mapper):
+            if interested is None:
+                interested = [observer]
+            else:
+                interested.append(observer)
+    return interested
 
 
 def _lookup_signature_ok() -> bool:

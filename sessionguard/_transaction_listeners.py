@@ -52,9 +52,8 @@ class TransactionListeners(ConnectionListeners):
             with counters.lock:
                 values = counters.values
                 values["transactions"] += 1
-                values["max_identity_map_size"] = max(
-                    values["max_identity_map_size"], size
-                )
+                if size > values["max_identity_map_size"]:  # noqa: PLR1730 - no call
+                    values["max_identity_map_size"] = size
             telemetry = self._telemetry
             if (
                 telemetry.live
@@ -154,7 +153,8 @@ class TransactionListeners(ConnectionListeners):
     def _finish(self, session: Session, state: SessionState, outcome: str) -> None:
         state.transaction = None
         size = len(session.identity_map._dict)
-        size = max(size, state.max_identity_map_size)
+        if state.max_identity_map_size > size:  # noqa: PLR1730 - no call
+            size = state.max_identity_map_size
         held, state.identity_map = state.identity_map, None
         if held is not None and held is not session.identity_map:
             size = max(size, len(held._dict))
@@ -162,7 +162,8 @@ class TransactionListeners(ConnectionListeners):
         with counters.lock:  # _Counters.ended(), inline: every transaction
             values = counters.values
             values["commits" if outcome == "commit" else "rollbacks"] += 1
-            values["max_identity_map_size"] = max(values["max_identity_map_size"], size)
+            if size > values["max_identity_map_size"]:  # noqa: PLR1730 - no call
+                values["max_identity_map_size"] = size
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
         began_at, state.began_at = state.began_at, 0.0

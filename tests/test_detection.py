@@ -60,6 +60,7 @@ from sessionguard import (
     UnsynchronizedWrite,
     install_guard,
 )
+from sessionguard._stale import VERIFICATION_OPTION
 
 from .models import Address, User
 
@@ -102,13 +103,24 @@ def _names(finding: StaleRead) -> list[str]:
     return [diff.name for diff in finding.attributes]
 
 
-@contextmanager
-def _sql_log(engine: Any) -> Iterator[list[str]]:
-    """Every statement the engine sends to the driver while the block runs."""
-    statements: list[str] = []
+class _Sql(str):
+    """A statement sent to the driver, and whether it was the guard's check."""
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
+    check: bool = False
+
+
+@contextmanager
+def _sql_log(engine: Any) -> Iterator[list[_Sql]]:
+    """Every statement the engine sends to the driver while the block runs."""
+    statements: list[_Sql] = []
+
+    def record(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, *_: Any
+    ) -> None:
+        logged = _Sql(statement)
+        options = getattr(context, "execution_options", None) or {}
+        logged.check = bool(options.get(VERIFICATION_OPTION))
+        statements.append(logged)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
@@ -117,12 +129,10 @@ def _sql_log(engine: Any) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def _check_queries(statements: list[str]) -> list[str]:
-    """The guard's batched ``SELECT ... WHERE pk IN (...)`` among *statements*."""
+def _check_queries(statements: list[_Sql]) -> list[_Sql]:
+    """The guard's batched ``SELECT ... WHERE pk IN (...)`` (or ``pk = ?``)."""
     return [
-        s
-        for s in statements
-        if s.lstrip().upper().startswith("SELECT") and " IN (" in s
+        s for s in statements if s.check and s.lstrip().upper().startswith("SELECT")
     ]
 
 
@@ -324,6 +334,26 @@ def test_get_returns_stale_object_and_reports_it(db, seed):
         assert not session.in_transaction()  # the check began no transaction
 
 
+def test_rows_fetched_after_the_map_filled_are_checked(db, seed):
+    """
+    A read whose statement ran while the map was empty, but whose rows are
+    fetched after another read filled it: the object it then gets from the map
+    is checked (the empty-map shortcut is taken per chunk, at fetch time).
+    """
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        result = session.execute(select(User).where(User.id == 1))  # map empty
+        user = session.get(User, 1)  # a SELECT of its own fills the map
+        assert guard.stats().identity_map_hits == 0
+        [again] = result.scalars().all()
+        assert again is user
+        stats = guard.stats()
+        assert (stats.identity_map_hits, stats.verified_objects) == (1, 1)
+        assert guard.findings == []
+
+
 def test_get_one_returns_stale_object_and_reports_it(db, seed):
     """Session.get_one() answered from the identity map is checked."""
     seed(db)
@@ -357,7 +387,7 @@ def test_many_to_one_lazy_load_from_identity_map_is_checked(db, seed):
             related = address.user
         assert related is user
         assert related.name == "alice"  # the bug
-        assert not [s for s in statements if "sg_users" in s and " IN (" not in s]
+        assert not [s for s in statements if "sg_users" in s and not s.check]
 
         [finding] = _stale(guard)
         assert (finding.entity, _names(finding)) == ("User", ["name"])
