@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import operator
 import threading
 import weakref
 from collections.abc import Iterable
@@ -179,7 +180,13 @@ def hits_in_rows(
     the related objects they populated.
     """
     if scalars:
-        states = [getattr(element, "_sa_instance_state", None) for element in rows]
+        try:
+            # Mostly one entity's objects: their states without a Python call
+            # each. Anything else (None from an outer join, a bundle) falls
+            # back to looking each element up.
+            states = list(map(_STATE_OF, rows))
+        except AttributeError:
+            states = [getattr(element, "_sa_instance_state", None) for element in rows]
     else:
         states = [
             getattr(element, "_sa_instance_state", None)
@@ -219,6 +226,7 @@ def hits_in_rows(
 
 
 _NOTHING: frozenset[str] = frozenset()
+_STATE_OF = operator.attrgetter("_sa_instance_state")
 
 
 def _joined_paths(
@@ -571,7 +579,12 @@ def check_hits(
             continue
         mapper = state.manager.mapper
         group = by_mapper.get(mapper)
-        info = _mapper_info(mapper) if group is None else group[0]
+        if group is not None:
+            info = group[0]
+        else:
+            last_ref, info = _last_info  # type: ignore[assignment]
+            if last_ref is None or last_ref() is not mapper:
+                info = _mapper_info(mapper)
         cached, keys = _cached_keys(state, hit, info.columns)
         if not cached:
             continue
@@ -832,7 +845,9 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
         statement = context.query
         execution_context = getattr(cursor, "context", None)
         if not (
-            context.populate_existing
+            # Columns only (select(User.id), count()): no objects, no hits.
+            not getattr(context.compile_state, "_has_mapper_entities", True)
+            or context.populate_existing
             or context.refresh_state is not None
             or execution_context is None
             or execution_context._is_server_side

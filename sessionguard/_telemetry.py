@@ -1,9 +1,10 @@
 """
 Turns what the guard observes into structlog events and OpenTelemetry signals.
 
-This is the only module that knows about logging and OpenTelemetry. The
-detector hands it findings; the guard's listeners hand it transaction
-boundaries. Only ``opentelemetry-api`` is used: without an SDK the API's
+This is the only module that talks to logging and OpenTelemetry (the
+transaction listener reads two of the API's flags itself, see
+``provider_maybe_set``). The detector hands it findings; the guard's
+listeners hand it transaction boundaries. Only ``opentelemetry-api`` is used: without an SDK the API's
 no-op providers make all of it nearly free, and span attributes are only
 computed for a recording span.
 """
@@ -70,7 +71,23 @@ def db_system_name(dialect: Dialect | str) -> str:
     return DB_SYSTEM_NAMES.get(dialect.name, "other_sql")
 
 
-_METER_SET_ONCE = getattr(metrics_internal, "_METER_PROVIDER_SET_ONCE", None)
+# The API's "provider set globally" flags (opentelemetry.util._once.Once),
+# read on every transaction while nothing records: plain attribute reads, no
+# call, until set_tracer_provider()/set_meter_provider() flips one. Looked up
+# in their modules each time (a test may put fresh ones there). Without them
+# (another API version), every transaction asks went_live().
+ONCE_FLAGS = hasattr(trace, "_TRACER_PROVIDER_SET_ONCE") and hasattr(
+    metrics_internal, "_METER_PROVIDER_SET_ONCE"
+)
+
+
+def provider_maybe_set() -> bool:
+    """Whether a tracer or meter provider may have been set globally."""
+    return (
+        not ONCE_FLAGS
+        or trace._TRACER_PROVIDER_SET_ONCE._done
+        or metrics_internal._METER_PROVIDER_SET_ONCE._done
+    )
 
 
 def _recording(provided: object) -> tuple[bool, bool]:
@@ -170,12 +187,8 @@ class Telemetry:
         """Whether telemetry can record now (and from now on)."""
         if self.live:
             return True
-        if not self.may_go_live or not (
-            # The API's proxies start to record once a provider is set
-            # globally: until then, two attribute reads per transaction.
-            getattr(trace, "_TRACER_PROVIDER", True) is not None
-            or getattr(_METER_SET_ONCE, "_done", True) is not False
-        ):
+        if not self.may_go_live or not provider_maybe_set():
+            # The API's proxies start to record once a provider is set globally.
             return False
         tracer_live, tracer_later = _recording(self.tracer)
         meter_live, meter_later = _recording(self._meter)

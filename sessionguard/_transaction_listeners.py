@@ -6,8 +6,12 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+from opentelemetry import trace
+from opentelemetry.metrics import _internal as metrics_internal
+
 from ._connection_listeners import ConnectionListeners
 from ._context import _current as _current_request
+from ._telemetry import ONCE_FLAGS
 from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
@@ -58,7 +62,17 @@ class TransactionListeners(ConnectionListeners):
             if (
                 telemetry.live
                 or telemetry.debug_on
-                or (telemetry.may_go_live and telemetry.went_live())
+                or (
+                    telemetry.may_go_live
+                    # provider_maybe_set(), inline: attribute reads, no call,
+                    # until set_tracer_provider()/set_meter_provider() is called.
+                    and (
+                        not ONCE_FLAGS
+                        or trace._TRACER_PROVIDER_SET_ONCE._done
+                        or metrics_internal._METER_PROVIDER_SET_ONCE._done
+                    )
+                    and telemetry.went_live()
+                )
             ):
                 # Only what can be recorded is measured: with OpenTelemetry's
                 # no-op providers and debug logging off, a transaction costs
