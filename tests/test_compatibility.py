@@ -294,6 +294,39 @@ def test_yield_per_set_by_a_later_listener_is_honoured():
     assert assert_unchanged(scenario) == ("returned", (1, [1, 2]))
 
 
+def test_scalar_entities_with_none_and_column_only_reads():
+    """
+    An outer-joined entity read as scalars holds None for the rows without
+    one; a column-only read holds no objects at all. Both come back as they
+    would without a guard, and the object the first one serves from the map
+    is still checked.
+    """
+
+    def scenario(engine: Any) -> Any:
+        with Session(engine, expire_on_commit=False) as session:
+            held = session.get(Child, 1)
+            session.commit()
+            children = session.scalars(
+                select(Child)
+                .select_from(Parent)
+                .outerjoin(Parent.children)
+                .order_by(Parent.id, Child.id)
+            ).all()
+            ids = session.scalars(select(Parent.id).order_by(Parent.id)).all()
+            return ([c.id if c else None for c in children], children[0] is held, ids)
+
+    expected = ("returned", ([1, 2, None], True, [1, 2]))
+    assert assert_unchanged(scenario) == expected
+    guard = install_guard(None, sample_rate=1.0)
+    try:
+        assert _outcome(scenario) == expected
+        stats = guard.stats()
+    finally:
+        guard.uninstall()
+    assert (stats.identity_map_hits, stats.verified_objects) == (1, 1)
+    assert stats.internal_errors == 0
+
+
 def test_get_bind_override_without_kwargs():
     """A get_bind(self, mapper=None, clause=None) override keeps working."""
 
