@@ -26,7 +26,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, Relationship, Session, loading
 from sqlalchemy.orm.attributes import get_state_history
-from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_OFF, SQL_OK
+from sqlalchemy.orm.base import (
+    DEFAULT_STATE_ATTR,
+    PASSIVE_NO_INITIALIZE,
+    PASSIVE_OFF,
+    SQL_OK,
+)
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.util.concurrency import in_greenlet
@@ -100,17 +105,11 @@ def pop_frame(session: Session, frame: Frame) -> None:
         _session_frames.pop(key, None)
 
 
-def _frames_for(context: Any) -> Iterator[Frame]:
-    # SQLAlchemy fires these events with context=None (Session.merge()), with
-    # a sentinel object() (first access to a composite) and, in its own tests,
-    # with whatever a test passes by hand: look things up, never assume.
-    frame = _context_frames.get(id(context))
-    if frame is not None:
-        yield frame
-    if _session_frames:
-        session = getattr(context, "session", None)
-        if session is not None:
-            yield from _session_frames.get(id(session), ())
+def _record(frame: Frame, state: InstanceState[Any], attrs: Any) -> None:
+    if attrs is None:
+        frame.loaded.add(state)
+    else:
+        frame.refreshed.setdefault(state, set()).update(attrs)
 
 
 # SQLAlchemy's own tests fire these events by hand with fewer arguments
@@ -128,12 +127,21 @@ def _on_refresh(
     # when it synchronises the session: that is not a read.
     if context is None:
         return
+    # SQLAlchemy fires these events with context=None (Session.merge()), with
+    # a sentinel object() (first access to a composite) and, in its own tests,
+    # with whatever a test passes by hand: look things up, never assume.
     try:
-        for frame in _frames_for(context):
+        frame = _context_frames.get(id(context))
+        if frame is not None:
             if attrs is None:
                 frame.loaded.add(state)
             else:
                 frame.refreshed.setdefault(state, set()).update(attrs)
+        if _session_frames:
+            session = getattr(context, "session", None)
+            if session is not None:
+                for frame in _session_frames.get(id(session), ()):
+                    _record(frame, state, attrs)
     except Exception as error:  # noqa: BLE001 - a listener fails open
         _internal_error("mapper refresh event", error)
 
@@ -219,13 +227,15 @@ def hits_in_rows(
             continue
         seen.add(id(state))
         fresh = refreshed.get(state)
-        if fresh is not None and fresh.issuperset(state.dict):
+        if fresh is not None and state.dict.keys() - fresh <= _STATE_KEY:
             continue  # the read (re)loaded everything the object holds
         hits.append(Hit(state, frozenset(fresh) if fresh else _NOTHING))
     return hits
 
 
 _NOTHING: frozenset[str] = frozenset()
+# An object's __dict__ holds its InstanceState too; that is not an attribute.
+_STATE_KEY = frozenset((DEFAULT_STATE_ATTR,))
 _STATE_OF = operator.attrgetter("_sa_instance_state")
 
 

@@ -4,9 +4,9 @@ Turns what the guard observes into structlog events and OpenTelemetry signals.
 This is the only module that talks to logging and OpenTelemetry (the
 transaction listener reads two of the API's flags itself, see
 ``provider_maybe_set``). The detector hands it findings; the guard's
-listeners hand it transaction boundaries. Only ``opentelemetry-api`` is used: without an SDK the API's
-no-op providers make all of it nearly free, and span attributes are only
-computed for a recording span.
+listeners hand it transaction boundaries. Only ``opentelemetry-api`` is used:
+without an SDK the API's no-op providers make all of it nearly free, and span
+attributes are only computed for a recording span.
 """
 
 from __future__ import annotations
