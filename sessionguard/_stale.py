@@ -919,12 +919,14 @@ def _watch_chunks(
             _report_hits(session, rows, observers, scalars, frame, statement, runid)
         return
 
-    identity_map = session.identity_map
+    # The map SQLAlchemy's row processors were given in instances() (they keep
+    # it, even if close() or expunge_all() puts a new one in the session).
+    in_map: dict[Any, Any] | None = getattr(session.identity_map, "_dict", None)
 
     def chunks(size: int | None) -> Iterator[Any]:
         source = source_chunks(size)
         while True:
-            if not identity_map._dict:
+            if in_map is not None and not in_map:
                 # Nothing in the map: every object of this chunk is made by
                 # it (a new session's first read), none can be served stale.
                 rows = next(source, _END)
@@ -974,12 +976,16 @@ def _guarded_identity_lookup(
     self: Session, mapper: Mapper[Any], *args: Any, **kwargs: Any
 ) -> Any:
     original = _hooks.original_identity_lookup
-    if not _hooks.observers or not self.identity_map._dict:
-        # An empty map answers nothing: the read goes to the database, where
-        # the statement hooks and listeners see it.
+    if not _hooks.observers:
         return original(self, mapper, *args, **kwargs)
     try:
-        interested = _lookup_observers(self, mapper, args, kwargs)
+        # An empty map answers nothing: the read goes to the database, where
+        # the statement hooks and listeners see it.
+        interested = (
+            _lookup_observers(self, mapper, args, kwargs)
+            if self.identity_map._dict
+            else None
+        )
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
