@@ -12,6 +12,7 @@ once, with the process-wide ``Session`` method brackets of ``_session_hooks``),
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -198,10 +199,30 @@ def _warn_at(message: str, location: str | None) -> None:
     warnings.warn_explicit(message, SessionGuardWarning, path, int(line), module=module)
 
 
+# Every guard core, for _wind_up() at interpreter exit.
+_cores: weakref.WeakSet[GuardCore] = weakref.WeakSet()
+_wind_up_registered = False
+
+
+def _wind_up() -> None:
+    """
+    At interpreter exit, end the transactions that sessions still alive left
+    open (as a collected session's do): counted as rollbacks, spans ended.
+    Registered when the first session is seen, so that it runs before the
+    atexit shutdown of an OpenTelemetry SDK set up before that.
+    """
+    for core in list(_cores):
+        for key, state in list(core._sessions.items()):
+            if state.transaction is not None:
+                with contextlib.suppress(Exception):
+                    core._abandoned(state, key)
+
+
 class GuardCore:
     """A guard's state and the steps its listener families share."""
 
     def __init__(self, target: Target, config: GuardConfig) -> None:
+        _cores.add(self)
         self._target = target
         self._config = config
         self._telemetry = Telemetry(config)
@@ -270,7 +291,8 @@ class GuardCore:
             # open (no event fires for it). A weak reference with a callback
             # (what weakref.finalize is made of, without its registry): the
             # state holds it, so it lives as long as the guard knows the
-            # session; dropping it (uninstall) cancels the callback.
+            # session; dropping it (uninstall) cancels the callback. Sessions
+            # still alive at exit are wound up by _wind_up().
             made = state
 
             def collected(_ref: weakref.ref[Session]) -> None:
@@ -278,6 +300,10 @@ class GuardCore:
 
             state.finalizer = weakref.ref(session, collected)
             state = self._sessions.setdefault(key, state)
+            global _wind_up_registered  # noqa: PLW0603 - once per process
+            if not _wind_up_registered:
+                _wind_up_registered = True
+                atexit.register(_wind_up)
             _session_hooks.watch_threads(session)
         return state
 

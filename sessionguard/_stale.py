@@ -926,9 +926,11 @@ def _watch_chunks(
     def chunks(size: int | None) -> Iterator[Any]:
         source = source_chunks(size)
         while True:
-            if in_map is not None and not in_map:
+            if in_map is not None and not in_map and _map_empty_now(session):
                 # Nothing in the map: every object of this chunk is made by
                 # it (a new session's first read), none can be served stale.
+                # (Polymorphic sub-mappers' row processors are made while the
+                # rows are read, with the map of that moment: both are empty.)
                 rows = next(source, _END)
                 if rows is _END:
                     return
@@ -948,6 +950,13 @@ def _watch_chunks(
     # Nothing has been fetched yet: rebuild the iterator as the result made it
     # (yield_per included) over the watched chunks.
     result.iterator = itertools.chain.from_iterable(chunks(result._yield_per))
+
+
+def _map_empty_now(session: Session) -> bool:
+    try:
+        return not session.identity_map._dict
+    except Exception:  # noqa: BLE001 - a hook fails open: then look
+        return False
 
 
 def _report_hits(  # noqa: PLR0917 - positional on the hot path

@@ -71,12 +71,14 @@ def db_system_name(dialect: Dialect | str) -> str:
     return DB_SYSTEM_NAMES.get(dialect.name, "other_sql")
 
 
-# The API's "provider set globally" flags (opentelemetry.util._once.Once),
-# read on every transaction while nothing records: plain attribute reads, no
-# call, until set_tracer_provider()/set_meter_provider() flips one. Looked up
-# in their modules each time (a test may put fresh ones there). Without them
-# (another API version), every transaction asks went_live().
-ONCE_FLAGS = hasattr(trace, "_TRACER_PROVIDER_SET_ONCE") and hasattr(
+# Whether a provider may have been set globally, read on every transaction
+# while nothing records: plain attribute reads, no call. The API's ProxyTracer
+# starts to record once ``trace._TRACER_PROVIDER`` is set (by
+# set_tracer_provider() or by a test assigning it); proxy meters only through
+# set_meter_provider(), which flips its Once flag. Looked up in their modules
+# each time (a test may put fresh ones there). Without them (another API
+# version), every transaction asks went_live().
+PROVIDER_FLAGS = hasattr(trace, "_TRACER_PROVIDER") and hasattr(
     metrics_internal, "_METER_PROVIDER_SET_ONCE"
 )
 
@@ -84,8 +86,8 @@ ONCE_FLAGS = hasattr(trace, "_TRACER_PROVIDER_SET_ONCE") and hasattr(
 def provider_maybe_set() -> bool:
     """Whether a tracer or meter provider may have been set globally."""
     return (
-        not ONCE_FLAGS
-        or trace._TRACER_PROVIDER_SET_ONCE._done
+        not PROVIDER_FLAGS
+        or trace._TRACER_PROVIDER is not None
         or metrics_internal._METER_PROVIDER_SET_ONCE._done
     )
 

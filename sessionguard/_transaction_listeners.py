@@ -11,7 +11,7 @@ from opentelemetry.metrics import _internal as metrics_internal
 
 from ._connection_listeners import ConnectionListeners
 from ._context import _current as _current_request
-from ._telemetry import ONCE_FLAGS
+from ._telemetry import PROVIDER_FLAGS
 from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class TransactionListeners(ConnectionListeners):
                     # provider_maybe_set(), inline: attribute reads, no call,
                     # until set_tracer_provider()/set_meter_provider() is called.
                     and (
-                        not ONCE_FLAGS
-                        or trace._TRACER_PROVIDER_SET_ONCE._done
+                        not PROVIDER_FLAGS
+                        or trace._TRACER_PROVIDER is not None
                         or metrics_internal._METER_PROVIDER_SET_ONCE._done
                     )
                     and telemetry.went_live()

@@ -920,6 +920,30 @@ def test_joined_table_inheritance_polymorphic_select(extra):
         assert sorted(_names(finding)) == ["language", "name"]
 
 
+def test_subclass_rows_read_into_a_new_map_are_checked(extra):
+    """
+    A subclass's row processor is made when its first row is read, with the
+    session's identity map of that moment: a read run while the map was empty,
+    then fetched after expunge_all() and another read filled the new map, still
+    checks the subclass object the new map serves.
+    """
+    _commit_elsewhere(
+        extra,
+        insert(Employee).values(id=1, kind="engineer", name="ada"),
+        text("INSERT INTO sgd_engineers (id, language) VALUES (1, 'python')"),
+    )
+    engine = extra.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        result = session.execute(select(Employee).order_by(Employee.id))  # map empty
+        session.expunge_all()  # a new map
+        engineer = session.get(Engineer, 1)  # in the new map
+        [again] = result.scalars().all()
+        assert again is engineer
+        stats = guard.stats()
+        assert (stats.identity_map_hits, stats.verified_objects) == (1, 1)
+
+
 def test_single_table_inheritance_polymorphic_select(extra):
     """A base-class select returning single-table subclasses reports each stale one."""
     _commit_elsewhere(
@@ -1485,6 +1509,12 @@ def test_sharded_objects_are_skipped_not_misreported(tmp_path):
     again = session.scalars(select(Owner)).all()
     assert sorted(owner.name for owner in again) == ["in-a", "in-b"]
     assert guard.findings == []
+    assert guard.stats().skipped_checks == 2
+    # Objects a read reloads entirely were not served from the map: no hit,
+    # so no skipped check either (skipped_checks counts hits not checked).
+    session.expire_all()
+    reloaded = session.scalars(select(Owner)).all()
+    assert sorted(owner.name for owner in reloaded) == ["in-a", "in-b"]
     assert guard.stats().skipped_checks == 2
     session.close()
     for engine in shards.values():

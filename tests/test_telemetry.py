@@ -553,3 +553,103 @@ def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
         "transactions_metric": [2],
         "transactions_stats": 3,
     }
+
+
+_ASSIGNED_TRACER_PROVIDER = """
+import json
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from sessionguard import install_guard
+
+engine = create_engine("sqlite://")
+guard = install_guard(engine)  # no SDK anywhere yet: the API's proxies
+
+
+def transaction():
+    with Session(engine) as session:
+        session.execute(text("SELECT 1"))
+        session.commit()
+
+
+transaction()
+exporter = InMemorySpanExporter()
+tracer_provider = TracerProvider()
+tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+# What a test fixture does (mock.patch.object(trace, "_TRACER_PROVIDER", ...)):
+# the API's proxy tracers follow it without set_tracer_provider().
+trace._TRACER_PROVIDER = tracer_provider
+transaction()
+print(json.dumps([span.name for span in exporter.get_finished_spans()]))
+"""
+
+
+_OPEN_AT_EXIT = """
+import sys
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from sessionguard import install_guard
+
+
+class Printing(SpanExporter):
+    def export(self, spans):
+        for span in spans:
+            outcome = span.attributes.get("sessionguard.outcome")
+            print(f"{span.name}: {outcome}", flush=True)
+        return SpanExportResult.SUCCESS
+
+
+tracer_provider = TracerProvider()  # shuts down at exit
+tracer_provider.add_span_processor(SimpleSpanProcessor(Printing()))
+engine = create_engine("sqlite://")
+guard = install_guard(engine, tracer_provider=tracer_provider)
+session = Session(engine)
+session.execute(text("SELECT 1"))  # a transaction still open at exit
+print("exiting", flush=True)
+"""
+
+
+def _run_script(tmp_path: Any, name: str, source: str) -> str:
+    import subprocess
+    import sys
+
+    script = tmp_path / name
+    script.write_text(source)
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_a_tracer_provider_assigned_to_the_api_after_install_is_used(tmp_path):
+    """
+    The API's proxy tracers record once ``trace._TRACER_PROVIDER`` is set, also
+    when a test assigns it directly: the guard records from the next transaction.
+    """
+    import json
+
+    output = _run_script(tmp_path, "assigned.py", _ASSIGNED_TRACER_PROVIDER)
+    assert json.loads(output.strip().splitlines()[-1]) == ["session transaction"]
+
+
+def test_a_transaction_open_at_exit_ends_as_a_rollback(tmp_path):
+    """A session still alive at interpreter exit has its span ended, as a rollback."""
+    output = _run_script(tmp_path, "open_at_exit.py", _OPEN_AT_EXIT)
+    assert output.splitlines() == ["exiting", "session transaction: rollback"]
