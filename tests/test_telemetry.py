@@ -470,7 +470,26 @@ def test_identity_map_size_is_the_most_held_during_the_transaction(sqlite_db, ot
     assert guard.stats().max_identity_map_size == 20
 
 
-_LATE_SDK = """
+def _run_script(tmp_path: Any, name: str, source: str) -> str:
+    """Run *source* as a script of its own (global providers are set once)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / name
+    script.write_text(source)
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+# Installed before any SDK: the API's proxies. What each script below runs first.
+_GUARD_BEFORE_ANY_SDK = """
 import json
 
 from opentelemetry import metrics, trace
@@ -495,6 +514,11 @@ def transaction():
         session.execute(text("SELECT 1"))
         session.commit()
 
+"""
+
+_LATE_SDK = (
+    _GUARD_BEFORE_ANY_SDK
+    + """
 
 transaction()  # nothing can record it
 exporter = InMemorySpanExporter()
@@ -525,6 +549,7 @@ print(json.dumps({
     "transactions_stats": guard.stats().transactions,
 }))
 """
+)
 
 
 def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
@@ -534,20 +559,9 @@ def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
     (A subprocess: the global providers can be set only once.)
     """
     import json
-    import subprocess
-    import sys
 
-    script = tmp_path / "late_sdk.py"
-    script.write_text(_LATE_SDK)
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    output = _run_script(tmp_path, "late_sdk.py", _LATE_SDK)
+    result = json.loads(output.strip().splitlines()[-1])
     assert result == {
         "spans": ["session transaction", "session transaction"],
         "transactions_metric": [2],
@@ -555,29 +569,9 @@ def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
     }
 
 
-_ASSIGNED_TRACER_PROVIDER = """
-import json
-
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
-    InMemorySpanExporter,
-)
-from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session
-
-from sessionguard import install_guard
-
-engine = create_engine("sqlite://")
-guard = install_guard(engine)  # no SDK anywhere yet: the API's proxies
-
-
-def transaction():
-    with Session(engine) as session:
-        session.execute(text("SELECT 1"))
-        session.commit()
-
+_ASSIGNED_TRACER_PROVIDER = (
+    _GUARD_BEFORE_ANY_SDK
+    + """
 
 transaction()
 exporter = InMemorySpanExporter()
@@ -589,6 +583,7 @@ trace._TRACER_PROVIDER = tracer_provider
 transaction()
 print(json.dumps([span.name for span in exporter.get_finished_spans()]))
 """
+)
 
 
 _OPEN_AT_EXIT = """
@@ -619,23 +614,6 @@ session = Session(engine)
 session.execute(text("SELECT 1"))  # a transaction still open at exit
 print("exiting", flush=True)
 """
-
-
-def _run_script(tmp_path: Any, name: str, source: str) -> str:
-    import subprocess
-    import sys
-
-    script = tmp_path / name
-    script.write_text(source)
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return completed.stdout
 
 
 def test_a_tracer_provider_assigned_to_the_api_after_install_is_used(tmp_path):
