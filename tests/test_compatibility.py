@@ -235,6 +235,29 @@ def test_joined_collection_under_selectin_post_load():
     assert_unchanged(scenario)
 
 
+def test_a_first_read_and_its_post_loads_verify_nothing():
+    """
+    A new session's first read, with a selectin post-load and a joined load
+    under it: every object it hands back was loaded by it or by its post-load
+    moments ago, so nothing is verified (no SELECT of the guard's own).
+    """
+    engine = _engine()
+    guard = install_guard(engine, sample_rate=1.0)
+    try:
+        with Session(engine) as session:
+            parents = session.scalars(
+                select(Parent)
+                .order_by(Parent.id)
+                .options(selectinload(Parent.children).joinedload(Child.toys))
+            ).all()
+            assert [len(p.children) for p in parents] == [2, 0]
+            stats = guard.stats()
+            assert (stats.identity_map_hits, stats.verified_objects) == (0, 0)
+    finally:
+        guard.uninstall()
+        engine.dispose()
+
+
 def test_joined_collection_still_demands_unique():
     """A joined eager collection still makes the result demand unique()."""
 
