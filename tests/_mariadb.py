@@ -22,11 +22,10 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._servers import private_workdir
+from ._servers import private_database, private_workdir
 
 __all__ = [
     "DATABASE_NAME",
@@ -257,33 +256,3 @@ def throwaway_mariadb() -> Iterator[str]:
             _stop(process)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def private_database(url: str) -> Iterator[str]:
-    """A database of this test run's own on the server at *url*, dropped at the end.
-
-    A shared server (CI's, or the developer's) may hold other tables of the same
-    names, or serve another test run at the same time. Without the privilege to
-    create a database, the database named in *url* is used as it is.
-    """
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import DBAPIError
-
-    parsed = make_url(url)
-    name = f"sessionguard_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(parsed)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    except DBAPIError:
-        admin.dispose()
-        yield url
-        return
-    try:
-        yield parsed.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        admin.dispose()

@@ -13,8 +13,9 @@ from sqlalchemy.engine import make_url
 
 from sessionguard import _guard, _stale
 
-from ._mariadb import MariaDBUnavailable, private_database, throwaway_mariadb
+from ._mariadb import MariaDBUnavailable, throwaway_mariadb
 from ._postgres import PostgresUnavailable, throwaway_postgres
+from ._servers import private_database
 from .models import Address, Base, User
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -31,7 +32,10 @@ def pg_url() -> Iterator[str]:
     """A PostgreSQL URL: SESSIONGUARD_TEST_PG_URL, or a throwaway cluster."""
     configured = os.environ.get("SESSIONGUARD_TEST_PG_URL")
     if configured:
-        yield configured
+        # A database of this worker's own: xdist workers (and other runs)
+        # sharing the server would otherwise make the same tables at once.
+        with private_database(configured) as url:
+            yield url
         return
     try:
         with throwaway_postgres() as url:

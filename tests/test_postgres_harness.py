@@ -18,6 +18,7 @@ from ._postgres import (
     find_pg_bindir,
     throwaway_postgres,
 )
+from ._servers import private_database
 
 pytestmark = pytest.mark.skipif(
     find_pg_bindir() is None and os.environ.get("CI", "").lower() != "true",
@@ -145,3 +146,27 @@ def test_start_failure_reports_log_tail(monkeypatch: pytest.MonkeyPatch) -> None
     msg = str(excinfo.value)
     assert "failed to start" in msg
     assert "shared_buffers" in msg  # comes from the server log tail
+
+
+def test_private_database_is_made_and_dropped(pg_url: str) -> None:
+    """On a shared server each test run (and xdist worker) has a database of its own."""
+    url = make_url(pg_url).set(drivername="postgresql+psycopg")
+    with private_database(url.render_as_string(hide_password=False)) as private:
+        name = make_url(private).database
+        assert name != url.database
+        engine = create_engine(private)
+        try:
+            with engine.connect() as connection:
+                assert connection.scalar(text("select current_database()")) == name
+        finally:
+            engine.dispose()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            exists = connection.scalar(
+                text("select count(*) from pg_database where datname = :name"),
+                {"name": name},
+            )
+    finally:
+        engine.dispose()
+    assert exists == 0
