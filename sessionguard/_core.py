@@ -207,7 +207,7 @@ _wind_up_registered = False
 def _wind_up() -> None:
     """
     At interpreter exit, end the transactions that sessions still alive left
-    open (as a collected session's do): counted as rollbacks, spans ended.
+    open, as for a collected session: counted as rollbacks, spans ended.
     Registered when the first session is seen, so that it runs before the
     atexit shutdown of an OpenTelemetry SDK set up before that.
     """

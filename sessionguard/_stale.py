@@ -132,7 +132,7 @@ def _on_refresh(
     # with whatever a test passes by hand: look things up, never assume.
     try:
         frame = _context_frames.get(id(context))
-        if frame is not None:
+        if frame is not None:  # _record(), inline: every refresh of a read
             if attrs is None:
                 frame.loaded.add(state)
             else:
@@ -166,7 +166,7 @@ class Hit:
         """Attributes that the read itself (re)loaded; they cannot be stale."""
 
     def __repr__(self) -> str:
-        return f"Hit({self.state!r}, fresh={set(self.fresh) or '{}'})"
+        return f"Hit({self.state!r}, fresh={sorted(self.fresh)!r})"
 
 
 def hits_in_rows(
@@ -358,6 +358,7 @@ class _MapperInfo:
     def __init__(self, mapper: Mapper[Any]) -> None:
         tables = set(mapper.tables)
         primary_key = list(mapper.primary_key)
+        key_columns = set(primary_key)
         columns: dict[str, Column[Any]] = {}
         for prop in mapper.column_attrs:
             column = prop.columns[0]
@@ -366,7 +367,7 @@ class _MapperInfo:
             if (
                 isinstance(column, Column)
                 and column.table in tables
-                and not set(primary_key).intersection(prop.columns)
+                and not key_columns.intersection(prop.columns)
             ):
                 columns[prop.key] = column
         self.columns = columns
@@ -592,6 +593,7 @@ def check_hits(
         if group is not None:
             info = group[0]
         else:
+            # _mapper_info()'s one-entry cache, read here: no call per hit.
             last_ref, info = _last_info  # type: ignore[assignment]
             if last_ref is None or last_ref() is not mapper:
                 info = _mapper_info(mapper)
