@@ -242,25 +242,59 @@ _STATE_OF = operator.attrgetter("_sa_instance_state")
 def _joined_paths(
     states: Sequence[InstanceState[Any]], statement: Any
 ) -> list[tuple[Mapper[Any], tuple[str, ...]]]:
-    """(mapper, relationship keys) of the joined eager loads of a read."""
-    paths: list[tuple[Mapper[Any], tuple[str, ...]]] = []
-    others: set[tuple[Mapper[Any], tuple[str, ...]]] = set()
-    for option in getattr(statement, "_with_options", ()):
+    """
+    (mapper, relationship keys) of the joined eager loads of a read.
+
+    An option's path counts from the statement's own entities: a lazy load
+    or a post-load (selectin, subquery) carries the options of the read that
+    started it, and its path from there (``_current_path``). A joined load
+    under a relationship this read does not join (``selectinload(A.bs)
+    .joinedload(B.cs)``) belongs to that relationship's own load, which
+    checks what it populates: the joined path is taken only where every
+    step of it is joined in this read.
+    """
+    # (root mapper, keys) -> (strategy, relationships) of each option element.
+    elements: dict[tuple[Mapper[Any], tuple[str, ...]], tuple[Any, tuple[Any, ...]]]
+    elements = {}
+    options = getattr(statement, "_with_options", ())
+    current: tuple[Any, ...] = ()
+    depth = 0
+    if options:
+        current = getattr(
+            getattr(
+                getattr(statement, "_compile_options", None), "_current_path", None
+            ),
+            "path",
+            (),
+        )
+        depth = len(current)
+    for option in options:
         for element in getattr(option, "context", ()):
             natural: tuple[Any, ...] = getattr(
                 getattr(element, "path", None), "path", ()
             )
+            if depth:
+                if natural[:depth] != current:
+                    continue  # a path of another branch of the first read
+                natural = natural[depth:]
             if len(natural) < 3 or not isinstance(natural[0], Mapper):
                 continue
-            keys = tuple(
-                prop.key for prop in natural[1::2] if isinstance(prop, Relationship)
+            props = tuple(
+                prop for prop in natural[1::2] if isinstance(prop, Relationship)
             )
-            if len(keys) * 2 + 1 != len(natural):
+            if len(props) * 2 + 1 != len(natural):
                 continue
-            if getattr(element, "strategy", None) == (("lazy", "joined"),):
-                paths.append((natural[0], keys))
-            else:
-                others.add((natural[0], keys))
+            elements[(natural[0], tuple(prop.key for prop in props))] = (
+                getattr(element, "strategy", None),
+                props,
+            )
+    paths: list[tuple[Mapper[Any], tuple[str, ...]]] = []
+    for (root, keys), (strategy, props) in elements.items() if elements else ():
+        if strategy == _JOINED and all(
+            _joined_step(elements.get((root, keys[:step])), props[step - 1])
+            for step in range(1, len(keys))
+        ):
+            paths.append((root, keys))
     # The mappers of the returned objects, each once. The class manager holds
     # its mapper as a plain attribute (state.mapper is a property); results
     # are mostly of one class, so a run of the same manager costs nothing.
@@ -275,9 +309,22 @@ def _joined_paths(
                 mappers.append(mapper)
     for mapper in mappers:
         for key in _mapper_info(mapper).joined:
-            if (mapper, (key,)) not in others:
+            # Joined by default unless an option says otherwise; an option
+            # that says joined is among the paths already.
+            element = elements.get((mapper, (key,)))
+            if element is None or element[0] is None:
                 paths.append((mapper, (key,)))
     return paths
+
+
+_JOINED = (("lazy", "joined"),)
+
+
+def _joined_step(element: tuple[Any, tuple[Any, ...]] | None, prop: Any) -> bool:
+    """Whether a read joins one step of a path: by an option, else by default."""
+    if element is not None and element[0] is not None:
+        return bool(element[0] == _JOINED)
+    return bool(prop.lazy == "joined")  # no option, or defaultload()
 
 
 def _joined_related(

@@ -44,8 +44,11 @@ from sqlalchemy.orm import (
     Mapped,
     Session,
     column_property,
+    contains_eager,
+    defaultload,
     defer,
     joinedload,
+    lazyload,
     mapped_column,
     relationship,
     selectinload,
@@ -470,6 +473,31 @@ def test_joinedload_related_collection_member_in_map_is_checked(db, seed):
             ("Address", ["street"]),
             ("User", ["name"]),
         ]
+
+
+def test_contains_eager_related_object_in_map_is_checked(db, seed):
+    """An Address that contains_eager() populates from the map is checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(db, update(Address).values(street="2 New St"))
+
+        statement = (
+            select(User)
+            .join(User.addresses)
+            .options(contains_eager(User.addresses))
+            .where(Address.street == "2 New St")  # the row matches as it is now
+        )
+        user = session.scalars(statement).unique().one()  # the User is new
+        assert user.addresses == [address]
+        assert address.street == "1 Main St"  # the bug: stale street returned
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [
+            ("Address", ["street"])
+        ]
+        assert guard.stats().verified_objects == 1
 
 
 def test_joinedload_related_many_to_one_in_map_is_checked(db, seed):
@@ -1404,6 +1432,97 @@ def test_relationship_configured_lazy_joined_is_checked(db):
             session.commit()
             _commit_elsewhere(db, update(Owner).values(name="ben"))
             assert session.scalars(select(Pet)).one() is pet
+            assert pet.owner is owner
+            assert owner.name == "ann"  # the bug: stale name returned
+            assert [(f.entity, _names(f)) for f in _stale(guard)] == [
+                ("Owner", ["name"])
+            ]
+    finally:
+        ExtraBase.metadata.drop_all(setup, tables=[Pet.__table__, Owner.__table__])
+
+
+class Shelf(ExtraBase):
+    __tablename__ = "sg_shelves"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: Mapped[list[Book]] = relationship()
+
+
+class Author(ExtraBase):
+    __tablename__ = "sg_authors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Book(ExtraBase):
+    __tablename__ = "sg_books"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shelf_id: Mapped[int] = mapped_column(ForeignKey("sg_shelves.id"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("sg_authors.id"))
+    author: Mapped[Author] = relationship()
+
+
+_LIBRARY = [Author.__table__, Shelf.__table__, Book.__table__]
+
+
+@pytest.fixture
+def library(db: Any) -> Iterator[None]:
+    """Shelf 1 holds book 1 by author 1 ("ann")."""
+    setup = db.engine()
+    ExtraBase.metadata.create_all(setup, tables=_LIBRARY)
+    try:
+        with Session(setup) as session:
+            session.add(Author(id=1, name="ann"))
+            session.add(Shelf(id=1, books=[Book(id=1, author_id=1)]))
+            session.commit()
+        yield
+    finally:
+        ExtraBase.metadata.drop_all(setup, tables=list(reversed(_LIBRARY)))
+
+
+@pytest.mark.parametrize(
+    "loader", [defaultload, lazyload, selectinload, subqueryload, joinedload]
+)
+def test_joined_load_under_another_loader_is_checked_by_that_load(db, library, loader):
+    """
+    ``loader(Shelf.books).joinedload(Book.author)``: the author that the joined
+    load hands back from the map is checked once, by whichever statement
+    joined it (the read itself, its post-load, or the lazy load of
+    ``shelf.books``); the shelf and the book, loaded just now, are not.
+    """
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        author = session.get(Author, 1)
+        session.commit()
+        _commit_elsewhere(db, update(Author).values(name="ben"))
+        statement = select(Shelf).options(loader(Shelf.books).joinedload(Book.author))
+        shelf = session.scalars(statement).unique().one()
+        [book] = shelf.books
+        assert book.author is author
+        assert author.name == "ann"  # the bug: stale name returned
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [("Author", ["name"])]
+        assert guard.stats().verified_objects == 1
+
+
+def test_defaultload_keeps_a_configured_joined_load_checked(db):
+    """``defaultload()`` of a ``lazy="joined"`` relationship leaves it joined."""
+    setup = db.engine()
+    ExtraBase.metadata.create_all(setup, tables=[Owner.__table__, Pet.__table__])
+    try:
+        with Session(setup) as session:
+            session.add(Pet(id=1, owner=Owner(id=1, name="ann")))
+            session.commit()
+        engine = db.engine()
+        guard = install_guard(engine)
+        with Session(engine, expire_on_commit=False) as session:
+            owner = session.get(Owner, 1)
+            session.commit()
+            _commit_elsewhere(db, update(Owner).values(name="ben"))
+            statement = select(Pet).options(defaultload(Pet.owner))
+            pet = session.scalars(statement).one()
             assert pet.owner is owner
             assert owner.name == "ann"  # the bug: stale name returned
             assert [(f.entity, _names(f)) for f in _stale(guard)] == [
