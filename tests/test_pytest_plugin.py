@@ -589,6 +589,18 @@ def test_missing_table_failure_names_the_inactive_schema_fixture(pytester, monke
     result.stdout.no_fnmatch_line("  engine (*")
 
 
+def test_missing_table_is_named_on_each_database(db):
+    """The error each database gives for a missing table yields the table's name."""
+    from sqlalchemy import exc, text
+
+    from sessionguard.pytest_plugin import _missing_table
+
+    with pytest.raises(exc.DBAPIError) as raised, db.engine().connect() as connection:
+        connection.execute(text("SELECT id FROM sg_no_such_orders"))
+    # MySQL and MariaDB (error 1146) name it with its database: test.sg_...
+    assert _missing_table(raised.value).split(".")[-1] == "sg_no_such_orders"
+
+
 def test_missing_table_help_is_off_when_the_plugin_is(pytester):
     """With the plugin off the missing-table failure is pytest's own, unchanged."""
     pytester.makeconftest(SCHEMA_CONFTEST)
