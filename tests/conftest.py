@@ -8,6 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# Tests that use pytester put sys.modules back as it was before them. A dialect
+# first imported inside such a test (by the pg_url fixture, say) would be
+# imported again by the next test, and SQLAlchemy warns, an error here, that the
+# PostgreSQL dialect's SQL functions are registered twice. Import them first.
+import sqlalchemy.dialects.mysql
+import sqlalchemy.dialects.postgresql  # noqa: F401
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
