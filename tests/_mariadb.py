@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,10 +83,25 @@ def _log_tail(logfile: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 def _make_workdir() -> tuple[Path, list[str]]:
     """A private temp dir the server can own, and its --user argument."""
+    if os.geteuid() == 0 and not _has_os_user(_OS_USER_WHEN_ROOT):
+        # mariadb-server-core (what scripts/ensure-mariadb installs) makes no
+        # mysql user: the server package's postinst does. mariadbd runs as
+        # root when it is told so explicitly, in a directory only root reads.
+        path = Path(tempfile.mkdtemp(prefix="sg-maria-", dir="/tmp"))
+        os.chmod(path, 0o700)
+        return path, ["--user=root"]
     path, as_user = private_workdir(
         "sg-maria-", _OS_USER_WHEN_ROOT, MariaDBUnavailable, "mariadbd"
     )
     return path, [f"--user={_OS_USER_WHEN_ROOT}"] if as_user else []
+
+
+def _has_os_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _install_db(
@@ -244,7 +261,7 @@ def throwaway_mariadb() -> Iterator[str]:
     # /tmp (mariadb-install-db failed there now and then: "Error on delete of
     # '/tmp/#sql-temptable-...'").
     (workdir / "tmp").mkdir()
-    if user:
+    if user and user != ["--user=root"]:
         shutil.chown(workdir / "tmp", _OS_USER_WHEN_ROOT, _OS_USER_WHEN_ROOT)
     try:
         _install_db(install_db, workdir, datadir, user)
