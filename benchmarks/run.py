@@ -4,6 +4,7 @@ Overhead of sessionguard: configurations in their own processes, interleaved.
     python benchmarks/run.py [--rounds 7] [--ops 1000] [--database-url URL ...]
     python benchmarks/run.py --check    # exit status 1 when a target is missed
     python benchmarks/run.py --calls    # Python function calls per operation
+    python benchmarks/run.py --instructions [--check]   # callgrind, deterministic
 
 Each configuration (configs.py) runs in a worker process of its own
 (worker.py): a guard listens on the Session class and hooks process-wide
@@ -25,6 +26,16 @@ deterministic count, each configuration in its own process again): the same
 from run to run on any machine, for comparing changes to the hot path when
 wall-clock times are blurred by other load.
 
+``--instructions`` counts the machine instructions per operation instead
+(valgrind's callgrind, each configuration in its own process under it, all at
+once: the count does not depend on load). Python runs with a fixed hash seed,
+so the count is the same from run to run to the instruction; it covers what
+the process executes (SQLite's engine included), not what a server does, so
+it is for in-memory SQLite only. Ratios of instruction counts stand in for
+ratios of times on a machine too noisy to time: they miss what instructions
+do not show (cache misses, waits), and ``--check --instructions`` evaluates
+the targets on them.
+
 ``--check`` evaluates the targets of issue 10 (targets.py) and prints them
 with what was measured. Exit status: 0 every target measured and met; 1 a
 target missed; 3 none missed, but some not measured (the PostgreSQL one
@@ -36,11 +47,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +86,9 @@ APPLIES: dict[str, tuple[str, ...]] = {
     MEMORY: ("baseline", "guard-100"),
 }
 MEMORY_WARMUP = 2_000
+# The C function of operator.call(): the worker's measured region under
+# callgrind (worker.py's ``instructions``). Nothing else in the worker calls it.
+_REGION_FUNCTION = "_operator_call"
 
 
 # -- worker processes
@@ -80,14 +97,58 @@ MEMORY_WARMUP = 2_000
 class WorkerProcess:
     """One worker.py process: one configuration on one database."""
 
-    def __init__(self, configuration: str, url: str) -> None:
+    def __init__(
+        self, configuration: str, url: str, callgrind: Path | None = None
+    ) -> None:
         self.configuration = configuration
+        self.callgrind_out = None if callgrind is None else callgrind / configuration
+        prefix: list[str] = []
+        env = None
+        if self.callgrind_out is not None:
+            # Collect only inside operator.call (the worker's measured region),
+            # and dump when it returns: one file per region, out.1, out.2, ...
+            prefix = [
+                "valgrind",
+                "--tool=callgrind",
+                "--quiet",
+                "--collect-atstart=no",
+                f"--toggle-collect={_REGION_FUNCTION}",
+                f"--dump-after={_REGION_FUNCTION}",
+                f"--callgrind-out-file={self.callgrind_out}",
+            ]
+            # A fixed hash seed: the same dict and set layouts every run, so
+            # the same instructions.
+            env = {**os.environ, "PYTHONHASHSEED": "0"}
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), configuration, url],
+            [*prefix, sys.executable, str(WORKER), configuration, url],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
+
+    def region_instructions(self, region: int) -> int:
+        """The instructions of the worker's callgrind region *region*."""
+        assert self.callgrind_out is not None
+        dump = Path(f"{self.callgrind_out}.{region}")
+        if not dump.exists():
+            raise RuntimeError(
+                f"callgrind wrote no {dump}: this Python's binary may not carry "
+                f"the symbol {_REGION_FUNCTION} (a stripped build); use a Python "
+                "with symbols (pyenv's or python.org's builds have them)"
+            )
+        for line in dump.read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals line in {dump}")
+
+    def send(self, command: str, **arguments: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"command": command, **arguments}) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        return self._read()
 
     def _read(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -104,9 +165,7 @@ class WorkerProcess:
         self._read()
 
     def ask(self, command: str, **arguments: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"command": command, **arguments}) + "\n")
-        self.process.stdin.flush()
+        self.send(command, **arguments)
         return self._read()
 
     def close(self) -> None:
@@ -121,13 +180,13 @@ class WorkerProcess:
 
 @contextmanager
 def workers(
-    configurations: Sequence[str], url: str
+    configurations: Sequence[str], url: str, callgrind: Path | None = None
 ) -> Iterator[dict[str, WorkerProcess]]:
     """Workers for *configurations*, started together, all ended on exit."""
     started: dict[str, WorkerProcess] = {}
     try:
         for name in configurations:
-            started[name] = WorkerProcess(name, url)
+            started[name] = WorkerProcess(name, url, callgrind)
         for process in started.values():
             process.wait_ready()
         yield started
@@ -267,6 +326,56 @@ def measure_calls(
     return results
 
 
+def measure_instructions(
+    url: str, workloads: Sequence[str], configurations: Sequence[str], ops: int
+) -> dict[str, Any]:
+    """Instructions per operation, every configuration under callgrind at once."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit(
+            "--instructions needs valgrind (callgrind): apt-get install valgrind"
+        )
+    needed = [
+        name
+        for name in configurations
+        if any(name in APPLIES[workload] for workload in workloads)
+    ]
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="sg-callgrind-") as directory,
+        workers(needed, url, Path(directory)) as pool,
+    ):
+        for workload in workloads:
+            names = [name for name in needed if name in APPLIES[workload]]
+            count = _ops(workload, ops)
+            # All at once: the counts do not depend on what else runs.
+            for name in names:
+                pool[name].send(
+                    "instructions",
+                    workload=workload,
+                    ops=count,
+                    warmup=_warmup(count),
+                )
+            entry: dict[str, Any] = {
+                "description": WORKLOADS[workload].description,
+                "ops": count,
+                "configurations": {},
+            }
+            for name in names:
+                answer = pool[name].receive()
+                total = pool[name].region_instructions(answer["region"])
+                entry["configurations"][name] = {
+                    "instructions": total,
+                    "instructions_per_op": total / count,
+                }
+            base = entry["configurations"]["baseline"]["instructions_per_op"]
+            for this in entry["configurations"].values():
+                this["ratio"] = this["instructions_per_op"] / base
+            results[workload] = entry
+            _progress(f"  {workload} done ({time.monotonic() - started:.0f} s)")
+    return results
+
+
 # -- reading results
 
 
@@ -282,6 +391,13 @@ class DatabaseResults:
         return dialect
 
     def ratio(self, workload: str, configuration: str) -> float | None:
+        counted = self.data.get("instructions")
+        if counted is not None:
+            entry = counted.get(workload)
+            if entry is None or configuration not in entry["configurations"]:
+                return None
+            share: float = entry["configurations"][configuration]["ratio"]
+            return share
         entry = self.data.get("times", {}).get(workload)
         if entry is None or configuration not in entry["configurations"]:
             return None
@@ -510,6 +626,57 @@ def print_calls(data: dict[str, Any], configurations: Sequence[str]) -> None:
         print()
 
 
+def print_instructions(data: dict[str, Any], configurations: Sequence[str]) -> None:
+    counted: dict[str, Any] = data["instructions"]
+    header = ["configuration", *(f"{w} ({counted[w]['ops']} ops)" for w in counted)]
+    rows = []
+    for name in configurations:
+        cells = [name]
+        for entry in counted.values():
+            this = entry["configurations"].get(name)
+            if this is None:
+                cells.append("—")
+            elif name == "baseline":
+                cells.append(f"1.000 ({this['instructions_per_op'] / 1000:,.0f} k)")
+            else:
+                cells.append(f"{this['ratio']:.3f}")
+        rows.append(cells)
+    print(
+        "Instructions per operation (callgrind), ratio to the baseline; "
+        "baseline in thousands of instructions:"
+    )
+    print(_table(header, rows))
+    print()
+    large = [
+        w for w in counted if w.endswith("-10k") and w.removesuffix("-10k") in counted
+    ]
+    if large:
+        print("Identity-map size: ratio with 10 vs 10,000 objects held, and drift:")
+        rows = []
+        for name in APPLIES["W1-10k"]:
+            if name == "baseline":
+                continue
+            cells = [name]
+            for workload in large:
+                small = counted[workload.removesuffix("-10k")]["configurations"].get(
+                    name
+                )
+                big = counted[workload]["configurations"].get(name)
+                cells += [
+                    f"{small['ratio']:.3f}" if small else "—",
+                    f"{big['ratio']:.3f}" if big else "—",
+                    f"{big['ratio'] / small['ratio'] - 1:+.1%}"
+                    if small and big
+                    else "—",
+                ]
+            rows.append(cells)
+        header = ["configuration"]
+        for workload in large:
+            header += [workload.removesuffix("-10k"), workload, "drift"]
+        print(_table(header, rows))
+        print()
+
+
 def print_call_differences(data: dict[str, Any], workload: str, top: int) -> None:
     """The functions each configuration calls most more often than the baseline."""
     entry = data["calls"].get(workload, {})
@@ -647,6 +814,13 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="evaluate the targets (exit status)"
     )
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per operation with valgrind's callgrind instead "
+        "of timing (in-memory SQLite only; with --check, the targets are "
+        "evaluated on instruction ratios)",
+    )
+    parser.add_argument(
         "--json", type=Path, metavar="PATH", help="write every number to PATH"
     )
     return parser
@@ -663,7 +837,10 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
             "workloads": args.workloads,
             "configurations": configurations,
             "memory_statements": args.memory_statements,
-            "mode": "calls" if args.calls else "check" if args.check else "times",
+            "mode": "calls"
+            if args.calls
+            else ("check" if args.check else "times")
+            + (" (instructions)" if args.instructions else ""),
         },
         "databases": [],
     }
@@ -682,7 +859,11 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
         if args.calls:
             data["calls"] = measure_calls(url, timed, configurations, args.ops)
         else:
-            if timed:
+            if timed and args.instructions:
+                data["instructions"] = measure_instructions(
+                    url, timed, configurations, args.ops
+                )
+            elif timed:
                 data["times"] = measure_times(
                     url,
                     timed,
@@ -718,6 +899,11 @@ def print_report(
             if "W1" in data["calls"]:
                 print_call_differences(data, "W1", top=8)
             continue
+        if "instructions" in data:
+            print(f"## {data['label']}: instructions (callgrind)\n")
+            print_instructions(data, configurations)
+            print_memory(data)
+            continue
         print(
             f"## {data['label']}: {args.rounds} rounds of {args.repeat} batches "
             "(the fastest kept); median over rounds of the ratio to the same "
@@ -729,7 +915,21 @@ def print_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.instructions:
+        if not hasattr(operator, "call"):
+            parser.error("--instructions needs Python 3.11+ (operator.call)")
+        if args.calls:
+            parser.error(
+                "--instructions and --calls are two ways of counting: pick one"
+            )
+        others = [url for url in args.database_url or [] if url != "sqlite"]
+        if others:
+            parser.error(
+                f"--instructions counts this process's instructions, not a "
+                f"server's: in-memory SQLite only (got {', '.join(others)})"
+            )
     configurations = [
         name for name in CONFIGURATIONS if name == "baseline" or name in args.configs
     ]

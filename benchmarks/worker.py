@@ -5,7 +5,8 @@ A benchmark worker: one configuration on one database, in a process of its own.
 
 run.py starts it and talks to it in JSON lines: the worker answers
 ``{"ready": ...}`` once the configuration is installed, then one line per
-command read from stdin (``time``, ``calls``, ``memory``) until stdin closes.
+command read from stdin (``time``, ``calls``, ``instructions``, ``memory``)
+until stdin closes.
 A guard listens on the Session class and hooks process-wide functions, so
 configurations sharing a process would tax each other: hence one per process.
 """
@@ -16,6 +17,7 @@ import cProfile
 import dataclasses
 import gc
 import json
+import operator
 import pstats
 import random
 import re
@@ -82,6 +84,8 @@ class Worker:
         sampler = getattr(self.installed.guard, "_random", None)
         if isinstance(sampler, random.Random):
             sampler.seed(20240610)
+        self.regions = 0
+        """Callgrind regions run so far (``instructions``)."""
 
     def _stats(self) -> dict[str, int]:
         guard = self.installed.guard
@@ -155,6 +159,30 @@ class Worker:
             },
         }
 
+    def instructions(self, workload: str, ops: int, warmup: int) -> dict[str, Any]:
+        """
+        Run *ops* operations as one callgrind region (run.py --instructions).
+
+        The worker runs under ``valgrind --tool=callgrind`` with collection
+        toggled on, and a dump written, around ``operator.call``: the timed
+        operations are its only use here, so each call is one dump file
+        holding exactly their instructions. run.py reads the count from it.
+        """
+        running = WORKLOADS[workload](self.engine, self.installed.check)
+        running.start()
+        try:
+            running.run(warmup)
+            region = getattr(operator, "call", None)  # Python 3.11+
+            if region is None:
+                raise RuntimeError("--instructions needs operator.call: Python 3.11+")
+            gc.collect()
+            region(running.run, ops)
+        finally:
+            running.stop()
+            self.installed.after_batch()
+        self.regions += 1
+        return {"region": self.regions, "ops": ops}
+
     def memory(self, statements: int, warmup: int) -> dict[str, Any]:
         """
         tracemalloc growth over *statements* ORM statements in one session,
@@ -221,6 +249,8 @@ def main(argv: list[str]) -> int:
             reply(worker.time(**command))
         elif kind == "calls":
             reply(worker.calls(**command))
+        elif kind == "instructions":
+            reply(worker.instructions(**command))
         elif kind == "memory":
             reply(worker.memory(**command))
         else:
