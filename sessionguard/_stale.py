@@ -1,12 +1,16 @@
 """
 Stale-read detection.
 
-Which objects a read served from the identity map is learnt from the mapper
-``load`` / ``refresh`` events fired while the read ran (a *frame*): a returned
-object that got no event, or only a partial ``refresh``, came from the map.
-Those objects are then checked with one batched Core SELECT per mapper on the
-session's own connection. This module knows nothing of logging or telemetry:
-it returns findings.
+Which objects a read served from the identity map is learnt from what
+SQLAlchemy itself records while it makes the objects, without an event
+listener: an object a statement loads in full carries that statement's
+``runid``, and the statement's ``partials`` name the attributes it reloaded in
+objects it found in the map. An identity lookup (``Session.get()``,
+many-to-one) reloads the object it finds only if that object was expired, in
+full, under a new ``runid``. A returned object the read neither made nor
+reloaded entirely came from the map. Those objects are then checked with
+one batched Core SELECT per mapper on the session's own connection. This
+module knows nothing of logging or telemetry: it returns findings.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, bindparam, event, exc, select, tuple_
+from sqlalchemy import Column, bindparam, exc, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, Relationship, Session, loading
@@ -32,6 +36,7 @@ from sqlalchemy.orm.base import (
     PASSIVE_OFF,
     SQL_OK,
 )
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.util.concurrency import in_greenlet
@@ -49,15 +54,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckOutcome",
-    "Frame",
     "Hit",
     "ReadObserver",
     "acquire_hooks",
     "check_hits",
     "hits_in_rows",
     "hooks_in_place",
-    "pop_frame",
-    "push_frame",
     "release_hooks",
 ]
 
@@ -67,83 +69,6 @@ _PKS = "sessionguard_pks"
 # ``context.execution_options`` carries it in Core events.
 VERIFICATION_OPTION = "sessionguard_verification"
 _VERIFICATION_OPTIONS = {VERIFICATION_OPTION: True}
-
-
-class Frame:
-    """What the mapper events said while one read ran."""
-
-    __slots__ = ("loaded", "refreshed")
-
-    def __init__(self) -> None:
-        self.loaded: set[InstanceState[Any]] = set()
-        self.refreshed: dict[InstanceState[Any], set[str]] = {}
-
-
-# Frames of the ORM statements being loaded, by id(QueryContext): an entry only
-# exists while SQLAlchemy turns that statement's rows into objects, so the
-# context it names is alive for as long as its entry is here.
-_context_frames: dict[int, Frame] = {}
-# Frames of identity lookups (Session.get(), many-to-one), by id(session):
-# whatever loads the lookup runs happen in statements of their own.
-_session_frames: dict[int, list[Frame]] = {}
-
-
-def push_frame(session: Session) -> Frame:
-    """Record load/refresh events of *session* until :func:`pop_frame`."""
-    frame = Frame()
-    _session_frames.setdefault(id(session), []).append(frame)
-    return frame
-
-
-def pop_frame(session: Session, frame: Frame) -> None:
-    key = id(session)
-    stack = _session_frames.get(key)
-    if stack is None:
-        return
-    stack.remove(frame)
-    if not stack:
-        _session_frames.pop(key, None)
-
-
-def _record(frame: Frame, state: InstanceState[Any], attrs: Any) -> None:
-    if attrs is None:
-        frame.loaded.add(state)
-    else:
-        frame.refreshed.setdefault(state, set()).update(attrs)
-
-
-# SQLAlchemy's own tests fire these events by hand with fewer arguments
-# (``dispatch.refresh(5)``): every parameter past the first has a default.
-# There is no listener on ``load``: an object an ORM statement loads new
-# carries that statement's runid, which hits_in_rows compares, and an
-# identity lookup only ever re-loads (refreshes) the object it returns.
-def _on_refresh(
-    state: InstanceState[Any],
-    context: Any = None,
-    attrs: Iterable[str] | None = None,
-    *_: Any,
-) -> None:
-    # context is None for the refresh that ORM update()/delete() fires
-    # when it synchronises the session: that is not a read.
-    if context is None:
-        return
-    # SQLAlchemy fires these events with context=None (Session.merge()), with
-    # a sentinel object() (first access to a composite) and, in its own tests,
-    # with whatever a test passes by hand: look things up, never assume.
-    try:
-        frame = _context_frames.get(id(context))
-        if frame is not None:  # _record(), inline: every refresh of a read
-            if attrs is None:
-                frame.loaded.add(state)
-            else:
-                frame.refreshed.setdefault(state, set()).update(attrs)
-        if _session_frames:
-            session = getattr(context, "session", None)
-            if session is not None:
-                for frame in _session_frames.get(id(session), ()):
-                    _record(frame, state, attrs)
-    except Exception as error:  # noqa: BLE001 - a listener fails open
-        _internal_error("mapper refresh event", error)
 
 
 def _internal_error(where: str, error: BaseException) -> None:
@@ -172,16 +97,17 @@ class Hit:
 def hits_in_rows(
     rows: Sequence[Any],
     scalars: bool,
-    frame: Frame,
+    partials: dict[InstanceState[Any], Any],
     statement: Any = None,
     runid: int | None = None,
 ) -> list[Hit]:
     """
     The persistent objects a read handed back that it did not fully load.
 
-    A full load (a new object, ``populate_existing``) stamps the state with
-    the statement's *runid*; a re-load of expired attributes fires
-    ``refresh`` into *frame*.
+    A full load (a new object) stamps the state with the statement's *runid*;
+    an object found in the map whose expired attributes the read loaded is in
+    the chunk's *partials* (``QueryContext.partials``: state -> the keys it
+    loaded), as SQLAlchemy keeps them for the rows of one chunk.
 
     Those are the entities of the result rows and, for joined eager loads
     (options of *statement*, or relationships configured ``lazy="joined"``),
@@ -204,29 +130,38 @@ def hits_in_rows(
     returned = [state for state in states if state is not None and state.key]
     if not returned:
         return []
-    loaded = frame.loaded
-    refreshed = frame.refreshed
-    hits: list[Hit] = []
     seen: set[int] = set()
-    paths = _joined_paths(returned, statement)
-    if paths:
-        # Objects that joined eager loads populated count too: every returned
-        # object (loaded by this read or not) may have brought some along.
-        unique = []
-        for state in returned:
-            if id(state) not in seen:
-                seen.add(id(state))
-                unique.append(state)
-        unique.extend(_joined_related(unique, paths, seen))
-        returned = unique
-        seen = set()
+    repeats = False
+    if (
+        len(returned) > 1
+        or getattr(statement, "_with_options", None)
+        or _mapper_info(returned[0].manager.mapper).joined
+    ):
+        # (One object of a read without options, whose class joins nothing by
+        # default, is all there is: a get-like read skips this.)
+        paths = _joined_paths(returned, statement)
+        if paths:
+            # Objects that joined eager loads populated count too: every
+            # returned object (loaded by this read or not) may have brought
+            # some along. Each object once.
+            unique = []
+            for state in returned:
+                if id(state) not in seen:
+                    seen.add(id(state))
+                    unique.append(state)
+            unique.extend(_joined_related(unique, paths, seen))
+            returned = unique
+        else:
+            repeats = len(returned) > 1  # rows may repeat an object
+    hits: list[Hit] = []
     for state in returned:
-        if (runid is not None and state.runid == runid) or state in loaded:
+        if runid is not None and state.runid == runid:
             continue  # loaded by this read
-        if id(state) in seen:
-            continue
-        seen.add(id(state))
-        fresh = refreshed.get(state)
+        if repeats:
+            if id(state) in seen:
+                continue
+            seen.add(id(state))
+        fresh = partials.get(state)
         if fresh is not None and state.dict.keys() - fresh <= _STATE_KEY:
             continue  # the read (re)loaded everything the object holds
         hits.append(Hit(state, frozenset(fresh) if fresh else _NOTHING))
@@ -355,14 +290,6 @@ def _follow(
             yield related_state
         if len(keys) > 1:
             yield from _follow(related_state, keys[1:], seen)
-
-
-def hit_after_lookup(state: InstanceState[Any], frame: Frame) -> Hit | None:
-    """The hit for an object returned by an identity lookup, if it was one."""
-    if state.key is None or state in frame.loaded:
-        return None
-    fresh = frame.refreshed.get(state)
-    return Hit(state, frozenset(fresh) if fresh else _NOTHING)
 
 
 class CheckOutcome:
@@ -933,15 +860,9 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
         interested = None
     if interested is None:
         return original(cursor, context)
-    frame = Frame()
-    key = id(context)
-    _context_frames[key] = frame
+    result = original(cursor, context)
     try:
-        result = original(cursor, context)
-    finally:
-        _context_frames.pop(key, None)
-    try:
-        _watch_chunks(result, context, frame, interested)
+        _watch_chunks(result, context, interested)
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
@@ -949,9 +870,7 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     return result
 
 
-def _watch_chunks(
-    result: Any, context: Any, frame: Frame, observers: list[ReadObserver]
-) -> None:
+def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> None:
     if not isinstance(result, ChunkedIteratorResult):
         return
     source_chunks = result.chunks
@@ -959,13 +878,15 @@ def _watch_chunks(
     session = context.session
     statement = context.query
     runid = context.runid
-    key = id(context)
 
     if context.execution_options.get("prebuffer_rows", False):
         # The objects are made already (AsyncSession asks for this, and the
-        # rows are then read outside the greenlet): check them now.
+        # rows are then read outside the greenlet), in one chunk whose
+        # partials the context still holds: check them now.
         for rows in source_chunks(None):
-            _report_hits(session, rows, observers, scalars, frame, statement, runid)
+            _report_hits(
+                session, rows, observers, scalars, context.partials, statement, runid
+            )
         return
 
     # The map SQLAlchemy's row processors were given in instances() (they keep
@@ -985,14 +906,14 @@ def _watch_chunks(
                     return
                 yield rows
                 continue
-            _context_frames[key] = frame
-            try:
-                rows = next(source, _END)
-            finally:
-                _context_frames.pop(key, None)
+            rows = next(source, _END)
             if rows is _END:
                 return
-            _report_hits(session, rows, observers, scalars, frame, statement, runid)
+            # SQLAlchemy starts each chunk with new partials: these are this
+            # chunk's.
+            _report_hits(
+                session, rows, observers, scalars, context.partials, statement, runid
+            )
             yield rows
 
     result.chunks = chunks
@@ -1013,12 +934,12 @@ def _report_hits(  # noqa: PLR0917 - positional on the hot path
     rows: Any,
     observers: list[ReadObserver],
     scalars: bool,
-    frame: Frame,
+    partials: dict[InstanceState[Any], Any],
     statement: Any,
     runid: int,
 ) -> None:
     try:
-        hits = hits_in_rows(rows, scalars, frame, statement, runid)
+        hits = hits_in_rows(rows, scalars, partials, statement, runid)
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
@@ -1036,6 +957,7 @@ def _guarded_identity_lookup(
     original = _hooks.original_identity_lookup
     if not _hooks.observers:
         return original(self, mapper, *args, **kwargs)
+    held = None
     try:
         # An empty map answers nothing: the read goes to the database, where
         # the statement hooks and listeners see it.
@@ -1044,31 +966,48 @@ def _guarded_identity_lookup(
             if self.identity_map._dict
             else None
         )
+        if interested:
+            held = _held_state(self, mapper, args, kwargs)
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("identity lookup", error)
-        interested = None
-    if not interested:
+    if held is None:
         return original(self, mapper, *args, **kwargs)
-    frame = push_frame(self)
+    runid = held.runid
+    instance = original(self, mapper, *args, **kwargs)
     try:
-        instance = original(self, mapper, *args, **kwargs)
-    finally:
-        pop_frame(self, frame)
-    try:
+        # The object the map held, handed back as it was: a hit. An expired
+        # one is reloaded in full by the lookup, under a new runid: not one.
         state = getattr(instance, "_sa_instance_state", None)
-        hit = hit_after_lookup(state, frame) if state is not None else None
+        hit = (
+            Hit(state, _NOTHING)
+            if state is held and state.runid == runid and state.key is not None
+            else None
+        )
     except _ASKED_FOR:
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("identity lookup", error)
         return instance
     if hit is not None:
-        for observer in interested:
+        for observer in interested:  # type: ignore[union-attr]
             # Fail-open by itself; raises only what on_stale="raise" asks for.
             observer.identity_hit(self, hit)
     return instance
+
+
+def _held_state(
+    session: Session, mapper: Mapper[Any], args: tuple[Any, ...], kwargs: Any
+) -> InstanceState[Any] | None:
+    """The state the map holds for the lookup's key, as the lookup finds it."""
+    # (primary_key_identity, identity_token, ...), as _identity_lookup makes
+    # its key.
+    identity = args[0] if args else kwargs["primary_key_identity"]
+    token = args[1] if len(args) > 1 else kwargs.get("identity_token")
+    key = mapper.identity_key_from_primary_key(identity, identity_token=token)
+    state: InstanceState[Any] | None = session.identity_map._dict.get(key)
+    return state
 
 
 def _lookup_observers(
@@ -1106,7 +1045,11 @@ def _instances_signature_ok() -> bool:
     function = getattr(loading, "instances", None)
     if function is None:
         return False
-    return list(inspect.signature(function).parameters) == ["cursor", "context"]
+    # hits_in_rows reads what the QueryContext records of partial loads.
+    return list(inspect.signature(function).parameters) == [
+        "cursor",
+        "context",
+    ] and "partials" in getattr(QueryContext, "__slots__", ())
 
 
 def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
@@ -1115,8 +1058,8 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
 
     The hooks wrap ``Session._identity_lookup`` (``Session.get()`` and
     many-to-one loads) and, when *statements*, ``sqlalchemy.orm.loading.instances``
-    (every ORM statement's objects) with the mapper events that tell what a
-    statement loaded. Their signatures are checked first (they are the same
+    (every ORM statement's objects). Their signatures, and the QueryContext
+    attribute the statement hook reads, are checked first (they are the same
     on 2.0.x and 2.1.x).
     """
     with _hooks.lock:
@@ -1129,19 +1072,17 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
             Session._identity_lookup = _guarded_identity_lookup  # type: ignore[method-assign]
         _hooks.users += 1
         if statements:
-            if _hooks.statement_users == 0:
-                event.listen(Mapper, "refresh", _on_refresh, raw=True)
-                if _instances_signature_ok():
-                    _hooks.original_instances = loading.instances
-                    functools.update_wrapper(_guarded_instances, loading.instances)
-                    loading.instances = _guarded_instances
+            if _hooks.statement_users == 0 and _instances_signature_ok():
+                _hooks.original_instances = loading.instances
+                functools.update_wrapper(_guarded_instances, loading.instances)
+                loading.instances = _guarded_instances
             _hooks.statement_users += 1
         _hooks.observers = (*_hooks.observers, observer)
 
 
 def hooks_in_place() -> bool:
-    """Whether the shared listeners are still registered (someone may clear them)."""
-    return event.contains(Mapper, "refresh", _on_refresh)
+    """Whether the statement hook is still in place (someone may restore it)."""
+    return _hooks.original_instances is None or loading.instances is _guarded_instances
 
 
 def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
@@ -1155,9 +1096,6 @@ def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
         if not statements:
             return
         _hooks.statement_users -= 1
-        if _hooks.statement_users == 0:
-            if event.contains(Mapper, "refresh", _on_refresh):
-                event.remove(Mapper, "refresh", _on_refresh)
-            if _hooks.original_instances is not None:
-                loading.instances = _hooks.original_instances
-                _hooks.original_instances = None
+        if _hooks.statement_users == 0 and _hooks.original_instances is not None:
+            loading.instances = _hooks.original_instances
+            _hooks.original_instances = None

@@ -337,6 +337,43 @@ def test_get_returns_stale_object_and_reports_it(db, seed):
         assert not session.in_transaction()  # the check began no transaction
 
 
+def test_get_of_an_expired_object_reloads_it_and_is_no_hit(db, seed):
+    """get() of an expired object reloads it in full: nothing served, nothing checked."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:  # expire_on_commit=True
+        user = session.get(User, 1)
+        session.commit()  # expires user
+        _commit_elsewhere(db, update(User).values(name="bob"))
+        with _sql_log(engine) as statements:
+            assert session.get(User, 1) is user
+        assert user.name == "bob"  # reloaded by the lookup
+        assert [sql.check for sql in statements] == [False]  # the reload only
+        stats = guard.stats()
+        assert (stats.identity_map_hits, stats.verified_objects) == (0, 0)
+        assert guard.findings == []
+
+
+def test_get_of_a_partly_expired_object_checks_what_it_holds(db, seed):
+    """
+    get() of an object with one attribute expired reloads nothing: the object
+    is served from the map and its loaded attributes are checked.
+    """
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, 1)
+        session.commit()
+        session.expire(user, ["email"])
+        _commit_elsewhere(db, update(User).values(name="bob", email="b@x.org"))
+        assert session.get(User, 1).name == "alice"  # the bug
+        [finding] = _stale(guard)
+        assert _names(finding) == ["name"]  # email was not held: not compared
+        assert user.email == "b@x.org"  # loaded now, on access
+
+
 def test_rows_fetched_after_the_map_filled_are_checked(db, seed):
     """
     A read whose statement ran while the map was empty, but whose rows are
