@@ -219,10 +219,14 @@ def _joined_paths(
             )
             if len(props) * 2 + 1 != len(natural):
                 continue
-            elements[(natural[0], tuple(prop.key for prop in props))] = (
-                getattr(element, "strategy", None),
-                props,
-            )
+            path = (natural[0], tuple(prop.key for prop in props))
+            strategy = getattr(element, "strategy", None)
+            # An element without a strategy (defaultload(), a step on the way
+            # to a deeper option) gives way to one with a strategy for the
+            # same path, in whatever order they came (as SQLAlchemy's
+            # _LoadElement._reconcile does).
+            if strategy is not None or path not in elements:
+                elements[path] = (strategy, props)
     paths: list[tuple[Mapper[Any], tuple[str, ...]]] = []
     for (root, keys), (strategy, props) in elements.items() if elements else ():
         if strategy == _JOINED and all(
@@ -895,6 +899,10 @@ def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> N
 
     def chunks(size: int | None) -> Iterator[Any]:
         source = source_chunks(size)
+        # What the statement reloaded so far: SQLAlchemy starts new partials
+        # for each chunk, and an object reloaded in one chunk and repeated in
+        # a later one (yield_per) was reloaded by this statement all the same.
+        reloaded: dict[InstanceState[Any], Any] | None = None
         while True:
             if in_map is not None and not in_map and _map_empty_now(session):
                 # Nothing in the map: every object of this chunk is made by
@@ -909,17 +917,29 @@ def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> N
             rows = next(source, _END)
             if rows is _END:
                 return
-            # SQLAlchemy starts each chunk with new partials: these are this
-            # chunk's.
-            _report_hits(
-                session, rows, observers, scalars, context.partials, statement, runid
-            )
+            partials = context.partials
+            if reloaded is None:
+                reloaded = partials  # the first chunk: SQLAlchemy's own dict
+            elif partials:
+                reloaded = _merged(reloaded, partials)
+            _report_hits(session, rows, observers, scalars, reloaded, statement, runid)
             yield rows
 
     result.chunks = chunks
     # Nothing has been fetched yet: rebuild the iterator as the result made it
     # (yield_per included) over the watched chunks.
     result.iterator = itertools.chain.from_iterable(chunks(result._yield_per))
+
+
+def _merged(
+    reloaded: dict[InstanceState[Any], Any], partials: dict[InstanceState[Any], Any]
+) -> dict[InstanceState[Any], Any]:
+    """The attributes reloaded so far and those of a new chunk, per object."""
+    merged = dict(reloaded)
+    for state, keys in partials.items():
+        before = merged.get(state)
+        merged[state] = keys if before is None else set(before) | set(keys)
+    return merged
 
 
 def _map_empty_now(session: Session) -> bool:

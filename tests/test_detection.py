@@ -537,6 +537,54 @@ def test_contains_eager_related_object_in_map_is_checked(db, seed):
         assert guard.stats().verified_objects == 1
 
 
+def test_joinedload_is_not_undone_by_a_later_defaultload_of_the_same_path(db, seed):
+    """``joinedload(U.a), defaultload(U.a).joinedload(...)``: U.a is still joined."""
+    seed(db)
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        address = session.get(Address, 1)
+        session.commit()
+        _commit_elsewhere(db, update(Address).values(street="2 New St"))
+        statement = select(User).options(
+            joinedload(User.addresses),
+            defaultload(User.addresses).joinedload(Address.user),
+        )
+        user = session.scalars(statement).unique().one()
+        assert user.addresses == [address]
+        assert address.street == "1 Main St"  # the bug: stale street returned
+        assert [(f.entity, _names(f)) for f in _stale(guard)] == [
+            ("Address", ["street"])
+        ]
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # a client-side cursor
+def test_yield_per_object_reloaded_in_one_chunk_is_no_hit_in_the_next(db, seed):
+    """
+    yield_per: an expired object reloaded by the first chunk and repeated in
+    the second was reloaded by this statement, not served from the map.
+    """
+    seed(db)
+    with Session(db.engine()) as setup:
+        setup.add(Address(id=2, street="2 Side St", user_id=1))
+        setup.commit()
+    engine = db.engine()
+    guard = install_guard(engine)
+    with Session(engine) as session:
+        held = session.scalars(select(Address)).all(), session.get(User, 1)
+        session.expire_all()
+        statement = (
+            select(Address, User)
+            .join(Address.user)
+            .order_by(Address.id)
+            .execution_options(yield_per=1)
+        )
+        rows = session.execute(statement).all()
+        assert [row[1] for row in rows] == [held[1], held[1]]
+        stats = guard.stats()
+        assert (stats.identity_map_hits, stats.verified_objects) == (0, 0)
+
+
 def test_joinedload_related_many_to_one_in_map_is_checked(db, seed):
     """A joinedload-ed many-to-one User that was already in the map is reported."""
     seed(db)
