@@ -903,6 +903,7 @@ def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> N
         # for each chunk, and an object reloaded in one chunk and repeated in
         # a later one (yield_per) was reloaded by this statement all the same.
         reloaded: dict[InstanceState[Any], Any] | None = None
+        owned: dict[InstanceState[Any], Any] | None = None
         while True:
             if in_map is not None and not in_map and _map_empty_now(session):
                 # Nothing in the map: every object of this chunk is made by
@@ -921,7 +922,9 @@ def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> N
             if reloaded is None:
                 reloaded = partials  # the first chunk: SQLAlchemy's own dict
             elif partials:
-                reloaded = _merged(reloaded, partials)
+                if owned is None:  # a copy of our own, made once
+                    owned = reloaded = dict(reloaded)
+                _merge(owned, partials)
             _report_hits(session, rows, observers, scalars, reloaded, statement, runid)
             yield rows
 
@@ -931,15 +934,13 @@ def _watch_chunks(result: Any, context: Any, observers: list[ReadObserver]) -> N
     result.iterator = itertools.chain.from_iterable(chunks(result._yield_per))
 
 
-def _merged(
+def _merge(
     reloaded: dict[InstanceState[Any], Any], partials: dict[InstanceState[Any], Any]
-) -> dict[InstanceState[Any], Any]:
-    """The attributes reloaded so far and those of a new chunk, per object."""
-    merged = dict(reloaded)
+) -> None:
+    """Add a new chunk's reloaded attributes to those so far, per object."""
     for state, keys in partials.items():
-        before = merged.get(state)
-        merged[state] = keys if before is None else set(before) | set(keys)
-    return merged
+        before = reloaded.get(state)
+        reloaded[state] = keys if before is None else set(before) | set(keys)
 
 
 def _map_empty_now(session: Session) -> bool:
