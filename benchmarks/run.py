@@ -133,9 +133,8 @@ class WorkerProcess:
         dump = Path(f"{self.callgrind_out}.{region}")
         if not dump.exists():
             raise RuntimeError(
-                f"callgrind wrote no {dump}: this Python's binary may not carry "
-                f"the symbol {_REGION_FUNCTION} (a stripped build); use a Python "
-                "with symbols (pyenv's or python.org's builds have them)"
+                f"callgrind wrote no {dump} for the worker's region "
+                f"({_REGION_FUNCTION})"
             )
         for line in dump.read_text().splitlines():
             if line.startswith("totals:"):
@@ -326,6 +325,35 @@ def measure_calls(
     return results
 
 
+def _check_region_symbol() -> None:
+    """Fail early, and say why, when callgrind cannot see the region function."""
+    with tempfile.TemporaryDirectory(prefix="sg-callgrind-probe-") as directory:
+        out = Path(directory) / "probe"
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--quiet",
+                "--collect-atstart=no",
+                f"--toggle-collect={_REGION_FUNCTION}",
+                f"--dump-after={_REGION_FUNCTION}",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-c",
+                "import operator; operator.call(int)",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if not Path(f"{out}.1").exists():
+            raise SystemExit(
+                f"--instructions: callgrind does not see {_REGION_FUNCTION} in "
+                f"{os.path.realpath(sys.executable)}: a stripped build (Debian's "
+                "own python3 is one). Run it with a Python that keeps its "
+                "symbols, e.g. pyenv's or python.org's build."
+            )
+
+
 def measure_instructions(
     url: str, workloads: Sequence[str], configurations: Sequence[str], ops: int
 ) -> dict[str, Any]:
@@ -334,6 +362,7 @@ def measure_instructions(
         raise SystemExit(
             "--instructions needs valgrind (callgrind): apt-get install valgrind"
         )
+    _check_region_symbol()
     needed = [
         name
         for name in configurations
