@@ -107,15 +107,7 @@ class WorkerProcess:
         if self.callgrind_out is not None:
             # Collect only inside operator.call (the worker's measured region),
             # and dump when it returns: one file per region, out.1, out.2, ...
-            prefix = [
-                "valgrind",
-                "--tool=callgrind",
-                "--quiet",
-                "--collect-atstart=no",
-                f"--toggle-collect={_REGION_FUNCTION}",
-                f"--dump-after={_REGION_FUNCTION}",
-                f"--callgrind-out-file={self.callgrind_out}",
-            ]
+            prefix = _callgrind(self.callgrind_out)
             # A fixed hash seed: the same dict and set layouts every run, so
             # the same instructions.
             env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -325,19 +317,26 @@ def measure_calls(
     return results
 
 
+def _callgrind(out: Path) -> list[str]:
+    """valgrind's command line: count only inside the region, one dump each."""
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--quiet",
+        "--collect-atstart=no",
+        f"--toggle-collect={_REGION_FUNCTION}",
+        f"--dump-after={_REGION_FUNCTION}",
+        f"--callgrind-out-file={out}",
+    ]
+
+
 def _check_region_symbol() -> None:
     """Fail early, and say why, when callgrind cannot see the region function."""
     with tempfile.TemporaryDirectory(prefix="sg-callgrind-probe-") as directory:
         out = Path(directory) / "probe"
         subprocess.run(
             [
-                "valgrind",
-                "--tool=callgrind",
-                "--quiet",
-                "--collect-atstart=no",
-                f"--toggle-collect={_REGION_FUNCTION}",
-                f"--dump-after={_REGION_FUNCTION}",
-                f"--callgrind-out-file={out}",
+                *_callgrind(out),
                 sys.executable,
                 "-c",
                 "import operator; operator.call(int)",

@@ -979,6 +979,7 @@ def _guarded_identity_lookup(
     if not _hooks.observers:
         return original(self, mapper, *args, **kwargs)
     held = None
+    interested: list[ReadObserver] | None = None
     try:
         # An empty map answers nothing: the read goes to the database, where
         # the statement hooks and listeners see it.
@@ -993,7 +994,7 @@ def _guarded_identity_lookup(
         raise
     except Exception as error:  # noqa: BLE001 - a hook fails open
         _internal_error("identity lookup", error)
-    if held is None:
+    if held is None or not interested:
         return original(self, mapper, *args, **kwargs)
     runid = held.runid
     instance = original(self, mapper, *args, **kwargs)
@@ -1012,7 +1013,7 @@ def _guarded_identity_lookup(
         _internal_error("identity lookup", error)
         return instance
     if hit is not None:
-        for observer in interested:  # type: ignore[union-attr]
+        for observer in interested:
             # Fail-open by itself; raises only what on_stale="raise" asks for.
             observer.identity_hit(self, hit)
     return instance
