@@ -9,13 +9,15 @@ Overhead of sessionguard: configurations in their own processes, interleaved.
 Each configuration (configs.py) runs in a worker process of its own
 (worker.py): a guard listens on the Session class and hooks process-wide
 functions, so configurations sharing a process would tax each other and
-flatter the guard. The workers stay up for the whole run and take turns,
-round by round: in each round every configuration times every workload once,
-in an order that rotates from round to round, so that a burst of load on the
-machine hits them all alike. The report gives, per workload and
-configuration, the median over rounds of the ratio to the baseline of the
-same round, with its range, and the baseline's absolute microseconds per
-operation.
+flatter the guard. The workers take turns, round by round: in each round
+every configuration times every workload, in an order that rotates from
+batch to batch, so that a burst of load on the machine hits them all alike.
+Each round starts its workers afresh, at a memory layout of its own
+(layout.py): where a process's objects land in memory moves its speed by a
+few per cent, and a worker kept for the whole run would keep that bias.
+The report gives, per workload and configuration, the median over rounds of
+the ratio to the baseline of the same round, with its range, and the
+baseline's absolute microseconds per operation.
 
 Beside the timed workloads (workloads.py: W1, W2, W3, and W1/W2 with 10,000
 objects held), ``memory`` is the tracemalloc growth over 100,000 statements
@@ -29,7 +31,9 @@ wall-clock times are blurred by other load.
 ``--instructions`` counts the machine instructions per operation instead
 (valgrind's callgrind, each configuration in its own process under it, all at
 once: the count does not depend on load). Python runs with a fixed hash seed,
-so the count is the same from run to run to the instruction; it covers what
+so the count is the same from run to run to the instruction; the memory
+layout still moves it by a few per cent (layout.py), so each configuration
+is counted at ``--layouts`` layouts and the median is reported. It covers what
 the process executes (SQLite's engine included), not what a server does, so
 it is for in-memory SQLite only. Ratios of instruction counts stand in for
 ratios of times on a machine too noisy to time: they miss what instructions
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 WORKER = Path(__file__).with_name("worker.py")
+LAYOUT = Path(__file__).with_name("layout.py")
 IN_MEMORY_SQLITE = "sqlite://"
 MEMORY = "memory"
 
@@ -98,10 +103,16 @@ class WorkerProcess:
     """One worker.py process: one configuration on one database."""
 
     def __init__(
-        self, configuration: str, url: str, callgrind: Path | None = None
+        self,
+        configuration: str,
+        url: str,
+        callgrind: Path | None = None,
+        layout: int = 0,
     ) -> None:
         self.configuration = configuration
-        self.callgrind_out = None if callgrind is None else callgrind / configuration
+        self.callgrind_out = (
+            None if callgrind is None else callgrind / f"{configuration}.{layout}"
+        )
         prefix: list[str] = []
         env = None
         if self.callgrind_out is not None:
@@ -112,7 +123,15 @@ class WorkerProcess:
             # the same instructions.
             env = {**os.environ, "PYTHONHASHSEED": "0"}
         self.process = subprocess.Popen(
-            [*prefix, sys.executable, str(WORKER), configuration, url],
+            [
+                *prefix,
+                sys.executable,
+                str(LAYOUT),
+                str(layout),
+                str(WORKER),
+                configuration,
+                url,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -171,13 +190,16 @@ class WorkerProcess:
 
 @contextmanager
 def workers(
-    configurations: Sequence[str], url: str, callgrind: Path | None = None
+    configurations: Sequence[str],
+    url: str,
+    callgrind: Path | None = None,
+    layout: int = 0,
 ) -> Iterator[dict[str, WorkerProcess]]:
     """Workers for *configurations*, started together, all ended on exit."""
     started: dict[str, WorkerProcess] = {}
     try:
         for name in configurations:
-            started[name] = WorkerProcess(name, url, callgrind)
+            started[name] = WorkerProcess(name, url, callgrind, layout)
         for process in started.values():
             process.wait_ready()
         yield started
@@ -222,8 +244,12 @@ def measure_times(
         for workload, names in plan.items()
     }
     started = time.monotonic()
-    with workers(needed, url) as pool:
-        for round_number in range(rounds):
+    for round_number in range(rounds):
+        # Fresh workers each round, at the round's memory layout (layout.py):
+        # a process keeps its layout's luck in CPython's caches for as long as
+        # it lives, so workers that lived through the whole run would carry
+        # one layout's bias into every round.
+        with workers(needed, url, layout=round_number) as pool:
             for workload, names in plan.items():
                 count = _ops(workload, ops)
                 for batch in range(repeat):
@@ -237,10 +263,10 @@ def measure_times(
                                 warmup=_warmup(count),
                             )
                         )
-            _progress(
-                f"  round {round_number + 1}/{rounds} done "
-                f"({time.monotonic() - started:.0f} s)"
-            )
+        _progress(
+            f"  round {round_number + 1}/{rounds} done "
+            f"({time.monotonic() - started:.0f} s)"
+        )
     results: dict[str, Any] = {}
     for workload, by_name in samples.items():
         # Other load on the machine only ever adds time: the fastest batch of
@@ -354,9 +380,18 @@ def _check_region_symbol() -> None:
 
 
 def measure_instructions(
-    url: str, workloads: Sequence[str], configurations: Sequence[str], ops: int
+    url: str,
+    workloads: Sequence[str],
+    configurations: Sequence[str],
+    ops: int,
+    layouts: int,
 ) -> dict[str, Any]:
-    """Instructions per operation, every configuration under callgrind at once."""
+    """
+    Instructions per operation, every configuration under callgrind at once,
+    at *layouts* memory layouts one after the other (layout.py): the median
+    over layouts is what a configuration costs, not what one layout's luck in
+    CPython's caches makes of it.
+    """
     if shutil.which("valgrind") is None:
         raise SystemExit(
             "--instructions needs valgrind (callgrind): apt-get install valgrind"
@@ -367,40 +402,53 @@ def measure_instructions(
         for name in configurations
         if any(name in APPLIES[workload] for workload in workloads)
     ]
-    results: dict[str, Any] = {}
+    # counts[workload][configuration] = instructions per operation, per layout
+    counts: dict[str, dict[str, list[float]]] = {
+        workload: {name: [] for name in needed if name in APPLIES[workload]}
+        for workload in workloads
+    }
     started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="sg-callgrind-") as directory,
-        workers(needed, url, Path(directory)) as pool,
-    ):
-        for workload in workloads:
-            names = [name for name in needed if name in APPLIES[workload]]
-            count = _ops(workload, ops)
-            # All at once: the counts do not depend on what else runs.
-            for name in names:
-                pool[name].send(
-                    "instructions",
-                    workload=workload,
-                    ops=count,
-                    warmup=_warmup(count),
+    for layout in range(layouts):
+        with (
+            tempfile.TemporaryDirectory(prefix="sg-callgrind-") as directory,
+            workers(needed, url, Path(directory), layout) as pool,
+        ):
+            for workload, by_name in counts.items():
+                count = _ops(workload, ops)
+                # All at once: the counts do not depend on what else runs.
+                for name in by_name:
+                    pool[name].send(
+                        "instructions",
+                        workload=workload,
+                        ops=count,
+                        warmup=_warmup(count),
+                    )
+                for name, per_layout in by_name.items():
+                    answer = pool[name].receive()
+                    total = pool[name].region_instructions(answer["region"])
+                    per_layout.append(total / count)
+                _progress(
+                    f"  layout {layout + 1}/{layouts}: {workload} done "
+                    f"({time.monotonic() - started:.0f} s)"
                 )
-            entry: dict[str, Any] = {
-                "description": WORKLOADS[workload].description,
-                "ops": count,
-                "configurations": {},
-            }
-            for name in names:
-                answer = pool[name].receive()
-                total = pool[name].region_instructions(answer["region"])
-                entry["configurations"][name] = {
-                    "instructions": total,
-                    "instructions_per_op": total / count,
+    results: dict[str, Any] = {}
+    for workload, by_name in counts.items():
+        base = statistics.median(by_name["baseline"])
+        results[workload] = {
+            "description": WORKLOADS[workload].description,
+            "ops": _ops(workload, ops),
+            "layouts": layouts,
+            "configurations": {
+                name: {
+                    "instructions_per_op_by_layout": per_layout,
+                    "instructions_per_op": statistics.median(per_layout),
+                    "ratio": statistics.median(per_layout) / base,
+                    "min_ratio": min(per_layout) / base,
+                    "max_ratio": max(per_layout) / base,
                 }
-            base = entry["configurations"]["baseline"]["instructions_per_op"]
-            for this in entry["configurations"].values():
-                this["ratio"] = this["instructions_per_op"] / base
-            results[workload] = entry
-            _progress(f"  {workload} done ({time.monotonic() - started:.0f} s)")
+                for name, per_layout in by_name.items()
+            },
+        }
     return results
 
 
@@ -666,12 +714,21 @@ def print_instructions(data: dict[str, Any], configurations: Sequence[str]) -> N
                 cells.append("—")
             elif name == "baseline":
                 cells.append(f"1.000 ({this['instructions_per_op'] / 1000:,.0f} k)")
+            elif len(this["instructions_per_op_by_layout"]) > 1:
+                cells.append(
+                    f"{this['ratio']:.3f} "
+                    f"({this['min_ratio']:.3f}-{this['max_ratio']:.3f})"
+                )
             else:
                 cells.append(f"{this['ratio']:.3f}")
         rows.append(cells)
+    layouts = max(entry["layouts"] for entry in counted.values())
     print(
-        "Instructions per operation (callgrind), ratio to the baseline; "
-        "baseline in thousands of instructions:"
+        "Instructions per operation (callgrind): the median over "
+        f"{layouts} memory layout{'s' if layouts > 1 else ''}, as a ratio to "
+        "the baseline's median"
+        + (" (the layouts' min-max)" if layouts > 1 else "")
+        + "; baseline in thousands of instructions:"
     )
     print(_table(header, rows))
     print()
@@ -765,6 +822,16 @@ def _names(value: str, valid: Sequence[str], what: str) -> list[str]:
     return names
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
 def _label(url: str) -> str:
     if url == IN_MEMORY_SQLITE:
         return "sqlite (in memory)"
@@ -849,6 +916,13 @@ def _parser() -> argparse.ArgumentParser:
         "evaluated on instruction ratios)",
     )
     parser.add_argument(
+        "--layouts",
+        type=_positive,
+        default=3,
+        help="with --instructions, the memory layouts each configuration is "
+        "counted at (layout.py); the report gives the median (default: 3)",
+    )
+    parser.add_argument(
         "--json", type=Path, metavar="PATH", help="write every number to PATH"
     )
     return parser
@@ -865,6 +939,7 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
             "workloads": args.workloads,
             "configurations": configurations,
             "memory_statements": args.memory_statements,
+            "layouts": args.layouts,
             "mode": "calls"
             if args.calls
             else ("check" if args.check else "times")
@@ -889,7 +964,7 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
         else:
             if timed and args.instructions:
                 data["instructions"] = measure_instructions(
-                    url, timed, configurations, args.ops
+                    url, timed, configurations, args.ops, args.layouts
                 )
             elif timed:
                 data["times"] = measure_times(
