@@ -29,7 +29,7 @@ from ._location import user_location as _user_location
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, Session
 
 __all__ = ["ConnectionListeners"]
 
@@ -48,7 +48,21 @@ def _run_by_session(execution_options: Mapping[str, Any]) -> bool:
     )
 
 
-class ConnectionListeners(GuardCore, _session_hooks.SessionObserver):
+def _execution_option(
+    session: Session, statement: Any, kwargs: Any, name: str, default: Any
+) -> Any:
+    """An execution option as SQLAlchemy resolves it for a session statement."""
+    for options in (
+        kwargs.get("execution_options"),
+        getattr(statement, "_execution_options", None),
+        session.execution_options,
+    ):
+        if options and name in options:
+            return options[name]
+    return default
+
+
+class ConnectionListeners(GuardCore):
     """Listeners on the connections user code gets from a guarded session."""
 
     def _watch_connection(self, connection: object, session: Session) -> None:
@@ -131,26 +145,30 @@ class ConnectionListeners(GuardCore, _session_hooks.SessionObserver):
             )
         )
 
-    def _check_orm_dml(self, orm_state: ORMExecuteState) -> None:
-        statement = _writes.dml_of(orm_state.statement)
-        if statement is None:
-            return
-        name = getattr(getattr(statement, "table", None), "name", None)
+    def _check_orm_dml(
+        self, session: Session, statement: Any, dml: Any, kwargs: Any
+    ) -> None:
+        """An ORM UPDATE or DELETE run by *session*: does it synchronise?"""
+        name = getattr(getattr(dml, "table", None), "name", None)
         if name is None:
             return
-        if orm_state.is_from_statement:
+        resolved = getattr(statement, "_resolved", statement)
+        if getattr(resolved, "is_from_statement", False):
             # select(...).from_statement(update(...).returning(...)): the ORM
             # hands back the rows but synchronises nothing, whatever the
             # options say (objects already in the map keep their values).
             kind = "from_statement"
         else:
-            # Read the option as SQLAlchemy does, from the execution options
+            # Read the option as SQLAlchemy does: the options passed to
+            # execute(), over the statement's, over the session's
             # (update_delete_options refuses lambda statements).
-            sync = orm_state.execution_options.get("synchronize_session", "auto")
+            sync = _execution_option(
+                session, resolved, kwargs, "synchronize_session", "auto"
+            )
             if sync is not False:
                 return
-            kind = "orm_update" if statement.is_update else "orm_delete"
-        self._unsynchronized(orm_state.session, (name,), kind)
+            kind = "orm_update" if dml.is_update else "orm_delete"
+        self._unsynchronized(session, (name,), kind)
 
     @fail_open
     def _before_core_execute(
@@ -170,12 +188,12 @@ class ConnectionListeners(GuardCore, _session_hooks.SessionObserver):
                 clauseelement, "_resolved", clauseelement
             ):
                 # Not a write, or one wrapped in an ORM from_statement():
-                # do_orm_execute's business.
+                # the statement hook's business.
                 return
             if statement._propagate_attrs.get(
                 "compile_state_plugin"
             ) == "orm" and _run_by_session(execution_options):
-                return  # executed through the session: do_orm_execute's business
+                return  # executed through the session: the statement hook's business
             name = getattr(getattr(statement, "table", None), "name", None)
             names = (name,) if name is not None else ()
             kind = "core"
@@ -237,9 +255,12 @@ class ConnectionListeners(GuardCore, _session_hooks.SessionObserver):
         # every statement of a loop.
         tracked = self._sessions.get(session.hash_key)
         if tracked is not None and tracked.transaction is not None:
-            if (table, statement) in tracked.reported_writes:
+            reported = tracked.reported_writes
+            if reported is None:
+                reported = tracked.reported_writes = set()
+            elif (table, statement) in reported:
                 return
-            tracked.reported_writes.add((table, statement))
+            reported.add((table, statement))
         entities: dict[str, int] = {}
         for state in session.identity_map.all_states():
             mapper: Mapper[Any] = state.mapper

@@ -76,39 +76,124 @@ class GuardStats:
     """Failures inside the guard itself, logged as ``internal_error``."""
 
 
-_COUNTERS = tuple(field.name for field in dataclasses.fields(GuardStats))
+SESSION_COUNTS = ("transactions", "commits", "rollbacks", "statements")
+"""The counters each session keeps itself (SessionState), in this order: they
+change with every statement and transaction, and a session is used by one
+thread at a time, so they need no lock there."""
+_LOCKED_COUNTS = tuple(
+    field.name
+    for field in dataclasses.fields(GuardStats)
+    if field.name not in SESSION_COUNTS and field.name != "max_identity_map_size"
+)
 
 
 class _Counters:
-    """Mutable counters behind :class:`GuardStats`, exact across threads."""
+    """
+    The counters behind :class:`GuardStats`, exact across threads.
+
+    The rare ones (hits, verifications, findings, errors) are counted here,
+    under the lock. The four of :data:`SESSION_COUNTS` are kept by each
+    session's state, and summed here: the live sessions', those of sessions
+    gone (``retiring`` until folded into ``retired``), less what they were at
+    the last :meth:`reset`.
+    """
 
     def __init__(self) -> None:
         # Re-entrant: a finalizer run by the garbage collector inside a locked
         # block of the same thread (a session collected mid-transaction) counts.
         self.lock = threading.RLock()
-        self.values = dict.fromkeys(_COUNTERS, 0)
+        self.values = dict.fromkeys(_LOCKED_COUNTS, 0)
+        self.max_identity_map_size = 0
+        # db.system.name -> the SESSION_COUNTS of sessions gone.
+        self.retired: dict[str, list[int]] = {}
+        # States of sessions gone, not folded into `retired` yet. The garbage
+        # collector's callback only appends here (no lock): folding is done
+        # under the lock, by whoever reads the counts.
+        self.retiring: list[SessionState] = []
+        # The session counts at the last reset (GuardStats starts from zero;
+        # the OpenTelemetry counter, which reads the same counts, does not).
+        self.offset = [0] * len(SESSION_COUNTS)
 
     def add(self, name: str, amount: int = 1) -> None:
         with self.lock:
             self.values[name] += amount
 
-    def ended(self, outcome: str, identity_map_size: int) -> None:
-        """A transaction ended with *outcome* (``commit`` or ``rollback``)."""
+    def raise_max(self, identity_map_size: int) -> None:
         with self.lock:
-            values = self.values
-            values["commits" if outcome == "commit" else "rollbacks"] += 1
-            values["max_identity_map_size"] = max(
-                values["max_identity_map_size"], identity_map_size
-            )
+            if identity_map_size > self.max_identity_map_size:  # noqa: PLR1730
+                self.max_identity_map_size = identity_map_size
 
-    def snapshot(self) -> GuardStats:
+    def retire(self, state: SessionState) -> None:
+        """*state*'s session is gone: its counts move to ``retired``."""
+        self.retiring.append(state)
+
+    def fold(self) -> None:
+        """Move the counts of ``retiring`` into ``retired`` (lock held)."""
+        count = len(self.retiring)
+        for state in self.retiring[:count]:
+            _add_counts(self.retired, state)
+        del self.retiring[:count]
+
+    def session_counts(self, live: list[SessionState]) -> dict[str, list[int]]:
+        """
+        The SESSION_COUNTS by db.system.name over every session, *live* (a
+        snapshot of the guard's sessions, taken before the call) and gone
+        (lock held).
+        """
+        self.fold()
+        totals = {system: list(counts) for system, counts in self.retired.items()}
+        # A session collected since the snapshot of *live* was taken is in
+        # `retiring` now too: each state counts once.
+        states = {id(state): state for state in live}
+        states.update((id(state), state) for state in list(self.retiring))
+        for state in states.values():
+            _add_counts(totals, state)
+        return totals
+
+    def snapshot(self, live: list[SessionState]) -> GuardStats:
         with self.lock:
-            return GuardStats(**self.values)
+            sums = _sums(self.session_counts(live))
+            values: dict[str, int] = dict(self.values)
+            for name, total, offset in zip(
+                SESSION_COUNTS, sums, self.offset, strict=True
+            ):
+                values[name] = total - offset
+            biggest = self.max_identity_map_size
+            for state in live:
+                if (
+                    state.transaction is not None
+                    and state.max_identity_map_size > biggest
+                ):
+                    biggest = state.max_identity_map_size
+            values["max_identity_map_size"] = biggest
+            return GuardStats(**values)
 
-    def reset(self) -> None:
+    def reset(self, live: list[SessionState]) -> None:
         with self.lock:
-            self.values = dict.fromkeys(_COUNTERS, 0)
+            self.offset = _sums(self.session_counts(live))
+            self.values = dict.fromkeys(_LOCKED_COUNTS, 0)
+            self.max_identity_map_size = 0
 
+
+def _add_counts(totals: dict[str, list[int]], state: SessionState) -> None:
+    counts = totals.get(state.system)
+    if counts is None:
+        counts = totals[state.system] = [0] * len(SESSION_COUNTS)
+    counts[0] += state.transactions
+    counts[1] += state.commits
+    counts[2] += state.rollbacks
+    counts[3] += state.statements
+
+
+def _sums(totals: dict[str, list[int]]) -> list[int]:
+    return [
+        sum(counts[index] for counts in totals.values())
+        for index in range(len(SESSION_COUNTS))
+    ]
+
+
+_FOLD_AT = 64
+"""Retired session states kept before they are folded into one count."""
 
 _NOT_CHECKED = object()
 """SessionState.bind until a statement's bind was found to be the guard's own
@@ -121,26 +206,37 @@ class SessionState:
     __slots__ = (
         "began_at",
         "bind",
+        "commits",
         "cross_thread_reported",
+        "dialect",
         "finalizer",
         "identity_map",
         "max_identity_map_size",
         "namespace",
         "reported_writes",
         "request",
+        "rollbacks",
+        "sampled",
         "span",
         "stale_reads",
         "statements",
         "statements_at_begin",
         "system",
         "transaction",
+        "transactions",
     )
 
     def __init__(self) -> None:
         self.transaction: weakref.ref[SessionTransaction] | None = None
         self.began_at = 0.0
+        # SESSION_COUNTS: what _Counters sums.
+        self.transactions = 0
+        self.commits = 0
+        self.rollbacks = 0
         self.statements = 0
         self.statements_at_begin = 0
+        # Whether the current transaction is traced (span, histograms).
+        self.sampled = False
         # The session.bind its statements were last seen to run on, when that
         # is the guard's engine and nothing else can choose another (no
         # per-mapper binds, get_bind() not overridden): the per-statement
@@ -154,11 +250,15 @@ class SessionState:
         self.max_identity_map_size = 0
         self.request: object = None
         self.span: Span | None = None
+        # The dialect of the session's transactions (its db.system.name):
+        # the counts above are for that system.
+        self.dialect: object = None
         self.system = "other_sql"
         self.namespace: str | None = None
         self.stale_reads = 0
         self.finalizer: weakref.ref[Session] | None = None
-        self.reported_writes: set[tuple[str, str]] = set()
+        # (table, kind of write) reported in the current transaction.
+        self.reported_writes: set[tuple[str, str]] | None = None
 
 
 # Re-entrant: the finalizer of a collected Session or engine target
@@ -218,7 +318,7 @@ def _wind_up() -> None:
                     core._abandoned(state, key)
 
 
-class GuardCore:
+class GuardCore(_session_hooks.SessionObserver):
     """A guard's state and the steps its listener families share."""
 
     def __init__(self, target: Target, config: GuardConfig) -> None:
@@ -227,6 +327,7 @@ class GuardCore:
         self._config = config
         self._telemetry = Telemetry(config)
         self._counters = _Counters()
+        self._telemetry.count_transactions(self._transaction_counts)
         self._findings: collections.deque[Finding] = collections.deque(
             maxlen=config.max_findings
         )
@@ -245,6 +346,8 @@ class GuardCore:
         self._installed = False
         self._detect = config.detect_stale_reads
         self._expire_on = config.expire
+        self._expire_on_begin = "begin" in config.expire
+        self._expire_on_commit = "commit" in config.expire
         self._sample_rate = config.sample_rate
         self._random = random.Random()
         self._restore_async_maker: Callable[[], None] | None = None
@@ -286,6 +389,10 @@ class GuardCore:
         state = self._sessions.get(key)
         if state is None:
             state = SessionState()
+            counters = self._counters
+            if len(counters.retiring) > _FOLD_AT:
+                with counters.lock:
+                    counters.fold()
             # One finalizer per session, not per transaction: it forgets the
             # session, and ends a transaction that a dropped session left
             # open (no event fires for it). A weak reference with a callback
@@ -304,15 +411,60 @@ class GuardCore:
             if not _wind_up_registered:
                 _wind_up_registered = True
                 atexit.register(_wind_up)
-            _session_hooks.watch_threads(session)
+            _session_hooks.watch(session, self, state)
         return state
 
     def _forget(self, state: SessionState, key: int) -> None:
         """A session was garbage-collected."""
-        self._sessions.pop(key, None)
-        _session_hooks.forget(key)
         if state.transaction is not None:
             self._abandoned(state, key)
+        # Retired before it leaves _sessions: a snapshot of the counts taken
+        # meanwhile finds it in one or both, never in neither.
+        self._counters.retire(state)
+        self._sessions.pop(key, None)
+        _session_hooks.forget(key, self)
+
+    def _transaction_counts(self) -> dict[str, list[int]]:
+        """The sessions' counts by db.system.name, since install (never reset)."""
+        live = list(self._sessions.values())
+        with self._counters.lock:
+            return self._counters.session_counts(live)
+
+    def _span_of(self, state: SessionState | None) -> Span | None:
+        """The span of *state*'s transaction, made now if it was not sampled."""
+        if state is None or state.transaction is None:
+            return None
+        span = state.span
+        if span is None and state.began_at and self._telemetry.live:
+            # Something was found in an unsampled transaction: it gets its span.
+            span = state.span = self._telemetry.late_span(state.began_at)
+        return span
+
+    def _retire_all(self) -> None:
+        """Every session's counts to `retired` (uninstall: the guard lets go)."""
+        counters = self._counters
+        with counters.lock:
+            for state in list(self._sessions.values()):
+                counters.retire(state)
+            self._sessions.clear()
+            counters.fold()
+
+    def _session_changed_dialect(self, state: SessionState, dialect: Any) -> None:
+        """*state*'s next transaction runs on *dialect*: count it under its system."""
+        if state.dialect is None:  # the session's first transaction
+            state.dialect = dialect
+            state.system = self._system_name(dialect)
+            return
+        counters = self._counters
+        with counters.lock:
+            if state.dialect is not None:
+                # What was counted so far stays with the previous system.
+                _add_counts(counters.retired, state)
+                state.statements_at_begin -= state.statements
+                state.transactions = state.commits = state.rollbacks = 0
+                state.statements = 0
+            state.dialect = dialect
+            state.system = self._system_name(dialect)
 
     def _abandoned(self, state: SessionState, session_id: int) -> None:
         raise NotImplementedError
@@ -391,7 +543,7 @@ class GuardCore:
             self._record(finding, state, system)
         if raise_stale and self._config.on_stale == "raise" and not self._raise_excused:
             error = StaleReadError(findings[0])
-            telemetry.stale_error(state.span if state is not None else None, error)
+            telemetry.stale_error(self._span_of(state), error)
             raise error
         return findings
 
@@ -403,8 +555,7 @@ class GuardCore:
     ) -> None:
         with self._findings_lock:
             self._findings.append(finding)
-        span = state.span if state is not None else None
-        self._telemetry.finding(finding, span, system)
+        self._telemetry.finding(finding, self._span_of(state), system)
         for callback in self._finding_callbacks:
             callback(finding)
         if self._config.on_stale == "warn":

@@ -68,6 +68,8 @@ class Guard(ReadListeners):
             target = target_ref()
             if target is not None and not event.contains(target, identifier, function):
                 return False
+        if not _session_hooks.installed():
+            return False
         return not self._statements_hooked or _stale.hooks_in_place()
 
     @property
@@ -83,13 +85,13 @@ class Guard(ReadListeners):
 
     def stats(self) -> GuardStats:
         """A snapshot of the counters."""
-        return self._counters.snapshot()
+        return self._counters.snapshot(list(self._sessions.values()))
 
     def clear(self) -> None:
         """Forget the findings and reset the counters."""
         with self._findings_lock:
             self._findings.clear()
-        self._counters.reset()
+        self._counters.reset(list(self._sessions.values()))
 
     def verify(self, session: Any) -> list[StaleRead]:
         """
@@ -134,10 +136,9 @@ class Guard(ReadListeners):
         if self._lookup_hooked:
             _stale.release_hooks(self, statements=self._statements_hooked)
             self._lookup_hooked = self._statements_hooked = False
-        _session_hooks.release(self)
         for session_id in list(self._sessions):
-            if not any(session_id in other._sessions for other in list(_live)):
-                _session_hooks.forget(session_id)
+            _session_hooks.forget(session_id, self)
+        _session_hooks.release(self)
         if self._restore_async_maker is not None:
             self._restore_async_maker()
             self._restore_async_maker = None
@@ -148,7 +149,8 @@ class Guard(ReadListeners):
                 span, state.span = state.span, None
                 with contextlib.suppress(Exception):
                     span.end()
-        self._sessions.clear()
+        self._retire_all()
+        self._telemetry.close()
         self._connections.clear()
 
     def __enter__(self) -> Guard:
@@ -189,7 +191,9 @@ class Guard(ReadListeners):
         self._listen(listen_on, "after_commit", self._after_commit)
         self._listen(listen_on, "after_rollback", self._after_rollback)
         self._listen(listen_on, "after_transaction_end", self._after_transaction_end)
-        self._listen(listen_on, "do_orm_execute", self._do_orm_execute)
+        # Statements are told by the _execute_internal hook of _session_hooks,
+        # not by a do_orm_execute listener, whose presence alone makes
+        # SQLAlchemy prepare every ORM statement twice.
         if self._detect or "request" in self._config.expire:
             # At sample_rate=0 no statement is ever checked: the hook on every
             # ORM statement's objects (and the mapper events it needs) would

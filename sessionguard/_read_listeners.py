@@ -1,5 +1,6 @@
 """
-Reads: the ``do_orm_execute`` listener (the hot path) and the answers to the
+Reads: every statement a session runs (the hot path, told by the
+``_execute_internal`` hook of ``_session_hooks``) and the answers to the
 process-wide read hooks of ``_stale`` (ORM statements' objects, identity
 lookups).
 """
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import Select
 
 from . import _stale, _writes
 from ._context import _current as _current_request
@@ -18,7 +20,7 @@ from .exceptions import StaleReadError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
-    from sqlalchemy.orm import Mapper, ORMExecuteState
+    from sqlalchemy.orm import Mapper
 
     from ._core import SessionState
 
@@ -26,95 +28,113 @@ __all__ = ["ReadListeners"]
 
 
 _BINDS = _stale.BINDS
+_NO_ARGUMENTS: dict[str, Any] = {}
 
 
 class ReadListeners(TransactionListeners, _stale.ReadObserver):
     """What a guard does for every ORM statement and identity-map read."""
 
-    def _do_orm_execute(self, orm_state: ORMExecuteState) -> None:
-        # The hot path: every ORM statement. It only counts and looks; the
-        # objects a statement returns are checked by the read hook in _stale
-        # as SQLAlchemy makes them. Returning a result from here would change
-        # how SQLAlchemy runs the statement, so nothing is ever returned.
-        # Fail-open inline (no fail_open wrapper: one call less per statement).
+    def statement_executing(
+        self, session: Session, state: SessionState, statement: Any, kwargs: Any
+    ) -> None:
+        # The hot path: every statement of a watched session, told by the
+        # _execute_internal hook before SQLAlchemy runs it. It only counts and
+        # looks; the objects a statement returns are checked by the read hook
+        # in _stale as SQLAlchemy makes them. Fail-open inline (no fail_open
+        # wrapper: one call less per statement).
         try:
-            session = orm_state.session
-            state = self._sessions.get(session.hash_key)
-            if state is None or (
-                self._engine_scoped
-                and (
-                    session.bind is not state.bind
-                    or orm_state.bind_arguments.get("bind") is not None
-                    or getattr(session, _BINDS, True)
-                )
+            if self._engine_scoped and (
+                session.bind is not state.bind
+                or getattr(session, _BINDS, True)
+                or (kwargs.get("bind_arguments") or _NO_ARGUMENTS).get("bind")
+                is not None
             ):
-                state = self._statement_state(orm_state)
-                if state is None:
+                bind = self._statement_bind(session, statement, kwargs)
+                if not self._on_engine(bind):
                     return  # another engine's statement
+                self._remember_bind(session, state, bind, kwargs)
             state.statements += 1
-            counters = self._counters
-            with counters.lock:
-                counters.values["statements"] += 1
             size = len(session.identity_map._dict)
             if size > state.max_identity_map_size:  # noqa: PLR1730 - no call
                 state.max_identity_map_size = size
             if _current_request.get() is not None:
                 self._check_request(session, state)
-            statement = orm_state.statement
-            if not self._detect:
-                return
-            if statement.is_dml:
-                # Writes are few and not sampled: a skipped one would go unseen.
-                self._check_session_write(orm_state)
-            elif isinstance(statement, TextClause):
-                names = _writes.text_dml_tables(statement.text)
-                if names:
-                    self._unsynchronized(session, names, "text")
+            if statement.__class__ is not Select and self._detect:
+                self._check_statement_write(session, statement, kwargs)
         except (StaleReadError, Warning):
             raise  # asked for (warnings as errors)
         except Exception as error:  # noqa: BLE001 - fail open, by design
-            self._internal_error("_do_orm_execute", error)
+            self._internal_error("statement_executing", error)
 
-    def _statement_state(self, orm_state: ORMExecuteState) -> SessionState | None:
-        """The session's state if the statement is the guard's (engine filter)."""
-        session = orm_state.session
-        if not self._engine_scoped:
-            return self._state(session)
-        bind = self._statement_bind(orm_state)
-        if not self._on_engine(bind):
-            return None
-        state = self._state(session)
-        # Next time, one comparison: the same session.bind, and nothing
-        # (bind=, per-mapper binds, an overridden get_bind()) choosing another.
-        given = orm_state.bind_arguments.get("bind")
+    def unwatched_statement(
+        self, session: Session, statement: Any, kwargs: Any
+    ) -> None:
+        # A session this guard does not watch yet: its first statement (the
+        # transaction it begins is begun while SQLAlchemy runs it), or one
+        # whose transaction began before the guard was installed.
+        try:
+            if not self._installed or not self._target.covers(session):
+                return
+            if self._engine_scoped:
+                bind = self._statement_bind(session, statement, kwargs)
+                if not self._on_engine(bind):
+                    return
+            else:
+                bind = None
+            state = self._state(session)
+            if bind is not None:
+                self._remember_bind(session, state, bind, kwargs)
+        except (StaleReadError, Warning):
+            raise
+        except Exception as error:  # noqa: BLE001 - fail open, by design
+            self._internal_error("unwatched_statement", error)
+            return
+        self.statement_executing(session, state, statement, kwargs)
+
+    @staticmethod
+    def _remember_bind(
+        session: Session, state: SessionState, bind: object, kwargs: Any
+    ) -> None:
+        """
+        Next time, one comparison: the same session.bind, and nothing (bind=,
+        per-mapper binds, an overridden get_bind()) choosing another.
+        """
+        given = kwargs.get("bind_arguments")
         if (
-            given is None
-            and bind is session.bind
+            bind is session.bind
+            and not (given and given.get("bind") is not None)
             and type(session).get_bind is Session.get_bind
         ):
             state.bind = bind
-        return state
 
-    def _check_session_write(self, orm_state: ORMExecuteState) -> None:
-        statement = _writes.dml_of(orm_state.statement)
-        if statement is None:
+    def _check_statement_write(
+        self, session: Session, statement: Any, kwargs: Any
+    ) -> None:
+        if isinstance(statement, TextClause):
+            names = _writes.text_dml_tables(statement.text)
+            if names:
+                self._unsynchronized(session, names, "text")
             return
-        if statement._propagate_attrs.get("compile_state_plugin") == "orm":
-            if orm_state.is_update or orm_state.is_delete:
-                self._check_orm_dml(orm_state)
+        dml = _writes.dml_of(statement)
+        if dml is None:
+            return
+        if dml._propagate_attrs.get("compile_state_plugin") == "orm":
+            if dml.is_update or dml.is_delete:
+                self._check_orm_dml(session, statement, dml, kwargs)
             return
         # Core DML (on a Table) through session.execute(): SQLAlchemy
         # synchronises nothing in the identity map.
-        name = getattr(getattr(statement, "table", None), "name", None)
+        name = getattr(getattr(dml, "table", None), "name", None)
         if name is not None:
-            self._unsynchronized(orm_state.session, (name,), "core")
+            self._unsynchronized(session, (name,), "core")
 
     @staticmethod
-    def _statement_bind(orm_state: ORMExecuteState) -> Engine | Connection:
+    def _statement_bind(
+        session: Session, statement: Any, kwargs: Any
+    ) -> Engine | Connection:
         """Where the statement will run, asking get_bind() only when needed."""
-        session = orm_state.session
-        arguments = orm_state.bind_arguments
-        bind = arguments.get("bind")
+        given = kwargs.get("bind_arguments")
+        bind = given.get("bind") if given else None
         if bind is not None:
             return bind  # type: ignore[no-any-return]
         # A session with one bind answers without calling get_bind(), which
@@ -125,6 +145,17 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             and not getattr(session, _BINDS, True)  # per-mapper/table binds
         ):
             return session.bind
+        # The arguments SQLAlchemy's _execute_internal() gives get_bind().
+        arguments = dict(given) if given else {}
+        resolved = getattr(statement, "_resolved", statement)
+        attributes = getattr(resolved, "_propagate_attrs", None) or {}
+        if attributes.get("compile_state_plugin") == "orm":
+            arguments["clause"] = resolved
+            subject = attributes.get("plugin_subject")
+            if subject:
+                arguments["mapper"] = subject.mapper
+        else:
+            arguments.setdefault("clause", resolved)
         return session.get_bind(**arguments)
 
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
@@ -161,13 +192,14 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
         except Exception as error:  # noqa: BLE001 - fail open, by design
             self._internal_error("identity_hit", error)
 
+    def samples_statement(self) -> bool:
+        # Asked first, before the statement is looked at: an unsampled
+        # statement costs one random number.
+        rate = self._sample_rate
+        return self._detect and (rate >= 1.0 or self._random.random() < rate)
+
     def covers_statement(self, session: Session, connection: Connection) -> bool:
-        # Sampling first: an unsampled statement costs one random number.
         try:
-            if not self._detect or (
-                self._sample_rate < 1.0 and self._random.random() >= self._sample_rate
-            ):
-                return False
             if not self._installed or (
                 # A session with state is one of the guard's (its listeners made it).
                 session.hash_key not in self._sessions

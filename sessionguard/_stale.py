@@ -773,8 +773,12 @@ def _autocommit(connection: Connection) -> bool:
 class ReadObserver:
     """A guard, as the process-wide read hooks see it."""
 
+    def samples_statement(self) -> bool:
+        """Whether to check the next ORM statement it covers (the sampling)."""
+        raise NotImplementedError
+
     def covers_statement(self, session: Session, connection: Connection) -> bool:
-        """Whether to check the objects of an ORM statement (sampling included)."""
+        """Whether a sampled ORM statement on *connection* is this guard's."""
         raise NotImplementedError
 
     def statement_hits(self, session: Session, hits: list[Hit]) -> None:
@@ -823,8 +827,20 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     moment the caller fetches them.
     """
     original = _hooks.original_instances
-    observers = _hooks.observers
-    if not observers:
+    sampled: list[ReadObserver] | None = None
+    try:
+        # Sampling first: an unsampled statement is not looked at.
+        for observer in _hooks.observers:
+            if observer.samples_statement():
+                if sampled is None:
+                    sampled = [observer]
+                else:
+                    sampled.append(observer)
+    except _ASKED_FOR:
+        raise
+    except Exception as error:  # noqa: BLE001 - a hook fails open
+        _internal_error("orm statement", error)
+    if sampled is None:
         return original(cursor, context)
     interested: list[ReadObserver] | None = None
     try:
@@ -851,7 +867,7 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
         ):
             session = context.session
             connection = execution_context.root_connection
-            for observer in observers:
+            for observer in sampled:
                 if observer.covers_statement(session, connection):
                     if interested is None:
                         interested = [observer]

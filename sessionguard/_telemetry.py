@@ -11,11 +11,16 @@ attributes are only computed for a recording span.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import structlog._config
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import Observation
 from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -23,6 +28,9 @@ from ._config import LOG_LEVELS
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider
     from opentelemetry.trace import Span
     from sqlalchemy.engine import Dialect
 
@@ -107,6 +115,101 @@ def _recording(provided: object) -> tuple[bool, bool]:
     return True, False
 
 
+_OUTCOMES = (("commit", 1), ("rollback", 2))  # outcome, index in the counts
+
+
+class _TransactionCounter:
+    """
+    ``sessionguard.transactions`` on one meter provider, for every guard.
+
+    An asynchronous Counter (OpenTelemetry's instrument for counts kept by
+    the application): the sessions count their transactions anyway, and a
+    synchronous add() per transaction would cost as much as the rest of an
+    unsampled transaction. The exported data is the same monotonic sum. One
+    instrument per provider, whatever the number of guards: the SDK keeps the
+    callbacks of the first instrument of a name and ignores a second's.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[int, weakref.ref[Telemetry]] = {}
+        # Counts of guards uninstalled since: a cumulative counter never goes
+        # back. (outcome, db.system.name) -> transactions
+        self._closed: dict[tuple[str, str], int] = {}
+        meter.create_observable_counter(
+            "sessionguard.transactions",
+            callbacks=[self._observe],
+            unit="{transaction}",
+            description="Session transactions, by outcome.",
+        )
+
+    def add(self, telemetry: Telemetry) -> None:
+        with self._lock:
+            self._sources[id(telemetry)] = weakref.ref(telemetry)
+
+    def remove(self, telemetry: Telemetry) -> None:
+        """*telemetry*'s guard is uninstalled: keep its counts, stop asking."""
+        with self._lock:
+            if self._sources.pop(id(telemetry), None) is None:
+                return
+            self._add(self._closed, telemetry)
+
+    @staticmethod
+    def _add(totals: dict[tuple[str, str], int], telemetry: Telemetry) -> None:
+        source = telemetry.transaction_counts
+        if source is None:
+            return
+        for system, counts in source().items():
+            for outcome, index in _OUTCOMES:
+                if counts[index]:
+                    key = (outcome, system)
+                    totals[key] = totals.get(key, 0) + counts[index]
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            totals = dict(self._closed)
+            for reference in list(self._sources.values()):
+                telemetry = reference()
+                if telemetry is not None:
+                    self._add(totals, telemetry)
+        return [
+            Observation(
+                count, {"sessionguard.outcome": outcome, "db.system.name": system}
+            )
+            for (outcome, system), count in totals.items()
+        ]
+
+
+_counters_lock = threading.Lock()
+_transaction_counters: weakref.WeakKeyDictionary[Any, _TransactionCounter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _transaction_counter(provider: MeterProvider, meter: Meter) -> _TransactionCounter:
+    """The one ``sessionguard.transactions`` instrument of *provider*."""
+    with _counters_lock:
+        counter = _transaction_counters.get(provider)
+        if counter is not None:
+            return counter
+        # A guard installed before the SDK was set up made its instrument on
+        # the API's proxy provider, which now hands it to this provider: one
+        # instrument of that name per real provider, so share it.
+        proxy = getattr(metrics_internal, "_PROXY_METER_PROVIDER", None)
+        shared = _transaction_counters.get(proxy) if proxy is not None else None
+        if (
+            shared is not None
+            and getattr(proxy, "_real_meter_provider", None) is provider
+        ):
+            _transaction_counters[provider] = shared
+            return shared
+        counter = _TransactionCounter(meter)
+        # A provider that takes no weak reference: one instrument per guard.
+        with contextlib.suppress(TypeError):
+            _transaction_counters[provider] = counter
+        return counter
+
+
 class Telemetry:
     """The sinks of one guard: its structlog logger, tracer and instruments."""
 
@@ -118,6 +221,7 @@ class Telemetry:
         self.warning_on = level <= LOG_LEVELS["warning"]
         self.error_on = level <= LOG_LEVELS["error"]
         self._given_logger: Any = config.logger
+        self.transaction_counts: Callable[[], dict[str, list[int]]] | None = None
         self._bound: Any = None
         self._bound_for: tuple[object, object] | None = None
         self._log_values = config.log_values
@@ -136,11 +240,9 @@ class Telemetry:
         meter_live, meter_later = _recording(meter)
         self.live = tracer_live or meter_live
         self.may_go_live = tracer_later or meter_later
-        self.transactions = meter.create_counter(
-            "sessionguard.transactions",
-            unit="{transaction}",
-            description="Session transactions, by outcome.",
-        )
+        # What a transaction's listeners ask first: anything to record?
+        self.active = self.live or self.debug_on
+        self._transactions = _transaction_counter(meter_provider, meter)
         self.transaction_duration = meter.create_histogram(
             "sessionguard.transaction.duration",
             unit="s",
@@ -196,7 +298,21 @@ class Telemetry:
         meter_live, meter_later = _recording(self._meter)
         self.live = tracer_live or meter_live
         self.may_go_live = tracer_later or meter_later
+        self.active = self.live or self.debug_on
         return self.live
+
+    def count_transactions(self, source: Callable[[], dict[str, list[int]]]) -> None:
+        """
+        Report *source*'s counts as ``sessionguard.transactions``: what the
+        guard's sessions counted, by db.system.name (transactions, commits,
+        rollbacks, statements), never reset.
+        """
+        self.transaction_counts = source
+        self._transactions.add(self)
+
+    def close(self) -> None:
+        """The guard is uninstalled: its counts stay, nothing more is asked."""
+        self._transactions.remove(self)
 
     @property
     def log(self) -> Any:
@@ -224,19 +340,35 @@ class Telemetry:
 
     # -- transactions ---------------------------------------------------------
 
-    def transaction_begun(self, session_id: int, identity_map_size: int) -> Span:
+    def transaction_begun(
+        self, session_id: int, identity_map_size: int, sampled: bool
+    ) -> Span | None:
+        """A transaction began; its span when it is *sampled*."""
         if self.debug_on:
             self.log.debug(
                 "session.begin",
                 session_id=session_id,
                 identity_map_size=identity_map_size,
             )
+        if not sampled:
+            return None
         return self.tracer.start_span(SPAN_NAME, kind=SpanKind.INTERNAL)
 
-    def transaction_ended(
+    def late_span(self, began_at: float) -> Span:
+        """
+        The span of an unsampled transaction in which something was found:
+        started now, as of *began_at* (``time.perf_counter()`` at begin),
+        child of the current context.
+        """
+        started = time.time_ns() - int((time.perf_counter() - began_at) * 1e9)
+        return self.tracer.start_span(
+            SPAN_NAME, kind=SpanKind.INTERNAL, start_time=started
+        )
+
+    def transaction_ended(  # noqa: PLR0917 - positional: once per transaction
         self,
         span: Span | None,
-        *,
+        sampled: bool,
         session_id: int,
         outcome: str,
         identity_map_size: int,
@@ -254,10 +386,12 @@ class Telemetry:
                 statements=statements,
                 duration_ms=round(duration_s * 1000.0, 3),
             )
-        attributes = {"sessionguard.outcome": outcome, "db.system.name": system}
-        self.transactions.add(1, attributes)
-        self.transaction_duration.record(duration_s, attributes)
-        self.identity_map_size.record(identity_map_size, {"db.system.name": system})
+        if sampled:
+            self.transaction_duration.record(
+                duration_s,
+                {"sessionguard.outcome": outcome, "db.system.name": system},
+            )
+            self.identity_map_size.record(identity_map_size, {"db.system.name": system})
         if span is None:
             return
         if span.is_recording():

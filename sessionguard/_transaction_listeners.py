@@ -45,38 +45,31 @@ class TransactionListeners(ConnectionListeners):
             tracked = state.transaction
             if tracked is not None and tracked() is transaction:
                 return  # a second bind joining the same transaction
+            if connection.dialect is not state.dialect:
+                self._session_changed_dialect(state, connection.dialect)
             state.transaction = weakref.ref(transaction)
+            state.transactions += 1
             state.cross_thread_reported = False
             state.stale_reads = 0
             if state.reported_writes:
                 state.reported_writes.clear()
             identity_map = state.identity_map = session.identity_map
             size = state.max_identity_map_size = len(identity_map._dict)
-            counters = self._counters
-            with counters.lock:
-                values = counters.values
-                values["transactions"] += 1
-                if size > values["max_identity_map_size"]:  # noqa: PLR1730 - no call
-                    values["max_identity_map_size"] = size
             telemetry = self._telemetry
-            if (
-                telemetry.live
-                or telemetry.debug_on
-                or (
-                    telemetry.may_go_live
-                    # provider_maybe_set(), inline: attribute reads, no call,
-                    # until set_tracer_provider()/set_meter_provider() is called.
-                    and (
-                        not PROVIDER_FLAGS
-                        or trace._TRACER_PROVIDER is not None
-                        or metrics_internal._METER_PROVIDER_SET_ONCE._done
-                    )
-                    and telemetry.went_live()
+            if telemetry.active or (
+                telemetry.may_go_live
+                # provider_maybe_set(), inline: attribute reads, no call,
+                # until set_tracer_provider()/set_meter_provider() is called.
+                and (
+                    not PROVIDER_FLAGS
+                    or trace._TRACER_PROVIDER is not None
+                    or metrics_internal._METER_PROVIDER_SET_ONCE._done
                 )
+                and telemetry.went_live()
             ):
                 # Only what can be recorded is measured: with OpenTelemetry's
                 # no-op providers and debug logging off, a transaction costs
-                # the counters above and nothing else.
+                # the counts above and nothing else.
                 self._begin_telemetry(session, connection, state, size)
             if connection is session.bind:
                 # A session bound to a Connection (the test-suite pattern that
@@ -84,7 +77,7 @@ class TransactionListeners(ConnectionListeners):
                 self._watch_connection(connection, session)
             if _current_request.get() is not None:
                 self._check_request(session, state)
-            if "begin" in self._expire_on:
+            if self._expire_on_begin:
                 self._expire(session, "begin")
         except (StaleReadError, Warning):
             raise  # asked for (warnings as errors)
@@ -94,11 +87,20 @@ class TransactionListeners(ConnectionListeners):
     def _begin_telemetry(
         self, session: Session, connection: Connection, state: SessionState, size: int
     ) -> None:
+        # The start, for the duration and for the span of an unsampled
+        # transaction in which something is found (_span_of).
         state.began_at = time.perf_counter()
-        dialect = connection.dialect
-        state.system = self._system_name(dialect)
-        state.namespace = connection.engine.url.database
-        state.span = self._telemetry.transaction_begun(session.hash_key, size)
+        # A transaction is traced (its span and its two histograms) when
+        # sampled; the transaction counter counts every one, from the
+        # sessions' own counts. An unsampled one costs this and nothing else.
+        rate = self._sample_rate
+        sampled = state.sampled = rate >= 1.0 or (
+            rate > 0.0 and self._random.random() < rate
+        )
+        telemetry = self._telemetry
+        if sampled or telemetry.debug_on:
+            state.namespace = connection.engine.url.database
+            state.span = telemetry.transaction_begun(session.hash_key, size, sampled)
 
     def _tracked(self, session: Session) -> SessionState | None:
         """The session's state if its current root transaction is tracked."""
@@ -129,8 +131,9 @@ class TransactionListeners(ConnectionListeners):
                 state = self._tracked(session)  # the general case
                 if state is None:
                     return
-            if "commit" in self._expire_on and not session.expire_on_commit:
+            if self._expire_on_commit and not session.expire_on_commit:
                 self._expire(session, "commit")
+            state.commits += 1
             self._finish(session, state, "commit")
         except (StaleReadError, Warning):
             raise
@@ -141,6 +144,7 @@ class TransactionListeners(ConnectionListeners):
         try:
             state = self._tracked(session)
             if state is not None:
+                state.rollbacks += 1
                 self._finish(session, state, "rollback")
         except (StaleReadError, Warning):
             raise
@@ -153,18 +157,20 @@ class TransactionListeners(ConnectionListeners):
         # A session closed in the middle of a transaction ends it without
         # after_commit or after_rollback: the connection is rolled back.
         try:
-            if transaction._parent is not None:
-                return
             state = self._sessions.get(session.hash_key)
-            tracked = state.transaction if state is not None else None
+            if state is None:
+                return
+            tracked = state.transaction
             if tracked is not None and tracked() is transaction:
-                self._finish(session, state, "rollback")  # type: ignore[arg-type]
+                state.rollbacks += 1
+                self._finish(session, state, "rollback")
         except (StaleReadError, Warning):
             raise
         except Exception as error:  # noqa: BLE001 - fail open, by design
             self._internal_error("_after_transaction_end", error)
 
     def _finish(self, session: Session, state: SessionState, outcome: str) -> None:
+        """The end of a tracked transaction, counted by the caller."""
         state.transaction = None
         size = len(session.identity_map._dict)
         if state.max_identity_map_size > size:  # noqa: PLR1730 - no call
@@ -172,28 +178,30 @@ class TransactionListeners(ConnectionListeners):
         held, state.identity_map = state.identity_map, None
         if held is not None and held is not session.identity_map:
             size = max(size, len(held._dict))
-        counters = self._counters
-        with counters.lock:  # _Counters.ended(), inline: every transaction
-            values = counters.values
-            values["commits" if outcome == "commit" else "rollbacks"] += 1
-            if size > values["max_identity_map_size"]:  # noqa: PLR1730 - no call
-                values["max_identity_map_size"] = size
+        if size > self._counters.max_identity_map_size:
+            self._counters.raise_max(size)
+        began_at = state.began_at
         statements = state.statements - state.statements_at_begin
         state.statements_at_begin = state.statements
-        began_at, state.began_at = state.began_at, 0.0
         if not began_at:
             return  # nothing could record this transaction when it began
-        span, state.span = state.span, None
-        self._telemetry.transaction_ended(
+        state.began_at = 0.0
+        span = state.span
+        telemetry = self._telemetry
+        if span is None and not state.sampled and not telemetry.debug_on:
+            return  # counted by the session; nothing traced, nothing logged
+        state.span = None
+        telemetry.transaction_ended(
             span,
-            session_id=session.hash_key,
-            outcome=outcome,
-            identity_map_size=size,
-            statements=statements,
-            duration_s=time.perf_counter() - began_at,
-            system=state.system,
-            namespace=state.namespace,
-            stale_reads=state.stale_reads,
+            state.sampled,
+            session.hash_key,
+            outcome,
+            size,
+            statements,
+            time.perf_counter() - began_at,
+            state.system,
+            state.namespace,
+            state.stale_reads,
         )
 
     def _abandoned(self, state: SessionState, session_id: int) -> None:
@@ -201,19 +209,20 @@ class TransactionListeners(ConnectionListeners):
         if not self._installed or state.transaction is None:
             return
         state.transaction = None
+        state.rollbacks += 1
         span, state.span = state.span, None
-        self._counters.ended("rollback", 0)
         began_at, state.began_at = state.began_at, 0.0
         if not began_at:
             return
         self._telemetry.transaction_ended(
             span,
-            session_id=session_id,
-            outcome="rollback",
-            identity_map_size=0,
-            statements=0,
-            duration_s=time.perf_counter() - began_at,
-            system=state.system,
-            namespace=state.namespace,
-            stale_reads=0,
+            state.sampled,
+            session_id,
+            "rollback",
+            0,
+            0,
+            time.perf_counter() - began_at,
+            state.system,
+            state.namespace,
+            0,
         )

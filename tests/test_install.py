@@ -345,7 +345,7 @@ def test_guard_keeps_no_session_alive(sqlite_db, seed):
     gc.collect()
     assert [ref for ref in refs if ref() is not None] == []
     assert len(guard._sessions) == 0
-    assert not set(keys) & set(_session_hooks._inside)  # the thread brackets too
+    assert not set(keys) & set(_session_hooks._watched)  # the statement hook too
     assert guard.stats().transactions == 400
 
 

@@ -514,6 +514,18 @@ def transaction():
         session.execute(text("SELECT 1"))
         session.commit()
 
+
+def counted(reader):
+    # The values of sessionguard.transactions in what reader collects.
+    return [
+        point.value
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "sessionguard.transactions"
+        for point in metric.data.data_points
+    ]
+
 """
 
 _LATE_SDK = (
@@ -529,23 +541,9 @@ trace.set_tracer_provider(tracer_provider)
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 transaction()
 transaction()
-points = {
-    metric.name: [point.__class__.__name__ for point in metric.data.data_points]
-    for resource in reader.get_metrics_data().resource_metrics
-    for scope in resource.scope_metrics
-    for metric in scope.metrics
-}
-counted = [
-    point.value
-    for resource in reader.get_metrics_data().resource_metrics
-    for scope in resource.scope_metrics
-    for metric in scope.metrics
-    if metric.name == "sessionguard.transactions"
-    for point in metric.data.data_points
-]
 print(json.dumps({
     "spans": [span.name for span in exporter.get_finished_spans()],
-    "transactions_metric": counted,
+    "transactions_metric": counted(reader),
     "transactions_stats": guard.stats().transactions,
 }))
 """
@@ -555,7 +553,9 @@ print(json.dumps({
 def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
     """
     Installed before any SDK, a guard skips telemetry while nothing can record
-    it, and records from the first transaction after an SDK is set globally.
+    it, and traces from the first transaction after an SDK is set globally;
+    ``sessionguard.transactions`` reads the sessions' own counts, so it counts
+    the transaction before too, as the guard's stats do.
     (A subprocess: the global providers can be set only once.)
     """
     import json
@@ -564,7 +564,7 @@ def test_an_sdk_set_globally_after_install_is_used_from_then_on(tmp_path):
     result = json.loads(output.strip().splitlines()[-1])
     assert result == {
         "spans": ["session transaction", "session transaction"],
-        "transactions_metric": [2],
+        "transactions_metric": [3],
         "transactions_stats": 3,
     }
 
@@ -631,3 +631,153 @@ def test_a_transaction_open_at_exit_ends_as_a_rollback(tmp_path):
     """A session still alive at interpreter exit has its span ended, as a rollback."""
     output = _run_script(tmp_path, "open_at_exit.py", _OPEN_AT_EXIT)
     assert output.splitlines() == ["exiting", "session transaction: rollback"]
+
+
+def _transactions_counted(otel: Otel) -> dict[str, int]:
+    """sessionguard.transactions by outcome."""
+    points = otel.points("sessionguard.transactions")
+    return {dict(key)["sessionguard.outcome"]: p.value for key, p in points.items()}
+
+
+def test_sampled_transactions_are_traced_and_every_one_is_counted(
+    sqlite_db, seed, otel
+):
+    """
+    At sample_rate 0.5 about half the transactions get a span and their two
+    histograms, the same ones; sessionguard.transactions counts all of them.
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(
+        engine,
+        sample_rate=0.5,
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    for _ in range(400):
+        with Session(engine) as session:
+            session.get(User, 1)
+            session.commit()
+    traced = len(otel.spans())
+    # Binomial(400, 0.5): 200 +- 10; these bounds are six deviations wide.
+    assert 140 <= traced <= 260
+    [duration] = otel.points("sessionguard.transaction.duration").values()
+    [size] = otel.points("sessionguard.identity_map.size").values()
+    assert duration.count == size.count == traced
+    assert _transactions_counted(otel) == {"commit": 400}
+    assert guard.stats().transactions == guard.stats().commits == 400
+
+
+def test_an_unsampled_transaction_gets_its_span_when_something_is_found(
+    sqlite_db, seed, otel
+):
+    """
+    sample_rate=0: no transaction is traced, but one in which a stale read is
+    found (here by Guard.verify()) gets its span, begun when the transaction
+    began, with the stale-read event; its histograms stay unsampled.
+    """
+    import time
+
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    guard = install_guard(
+        engine,
+        sample_rate=0.0,
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    session = Session(engine, expire_on_commit=False)
+    user = _stale_workload(sqlite_db, session)  # one transaction, nothing found
+    assert otel.spans() == []
+    before_begin = time.time_ns()
+    session.execute(select(User.id)).all()  # begins the second transaction
+    assert session.get(User, 1).name == "alice"  # served from the map, stale
+    [finding] = guard.verify(session)
+    assert finding.entity == "User"
+    session.commit()
+    [span] = otel.spans()
+    assert before_begin <= span.start_time <= span.end_time
+    assert span.attributes["sessionguard.outcome"] == "commit"
+    assert span.attributes["sessionguard.stale_reads"] == 1
+    assert span.attributes["sessionguard.statements"] == 1
+    assert [event.name for event in span.events] == ["sessionguard.stale_read"]
+    assert "sessionguard.transaction.duration" not in otel.metrics()
+    assert _transactions_counted(otel) == {"commit": 2}
+    session.close()
+    del user
+
+
+def test_the_transaction_counter_is_one_for_every_guard_and_never_goes_back(
+    sqlite_db, seed, otel
+):
+    """
+    Two guards on one meter provider share one sessionguard.transactions (an
+    SDK keeps the callbacks of the first instrument of a name only): both
+    guards' transactions are counted, and neither uninstall() nor clear()
+    takes a count back.
+    """
+    seed(sqlite_db)
+    first_engine, second_engine = sqlite_db.engine(), sqlite_db.engine()
+    providers = {
+        "tracer_provider": otel.tracer_provider,
+        "meter_provider": otel.meter_provider,
+    }
+    first = install_guard(first_engine, **providers)
+    second = install_guard(second_engine, **providers)
+
+    def transactions(engine: Any, count: int) -> None:
+        for _ in range(count):
+            with Session(engine) as session:
+                session.get(User, 1)
+                session.commit()
+
+    transactions(first_engine, 3)
+    transactions(second_engine, 2)
+    assert _transactions_counted(otel) == {"commit": 5}
+    first.uninstall()
+    transactions(first_engine, 1)  # not guarded any more
+    transactions(second_engine, 1)
+    assert _transactions_counted(otel) == {"commit": 6}
+    second.clear()
+    assert second.stats().transactions == 0
+    transactions(second_engine, 1)
+    assert second.stats().transactions == second.stats().commits == 1
+    assert _transactions_counted(otel) == {"commit": 7}
+    [transactions_metric] = [
+        metric
+        for metric in otel.metrics().values()
+        if metric.name == "sessionguard.transactions"
+    ]
+    assert transactions_metric.data.is_monotonic
+
+
+_PROXY_THEN_REAL = (
+    _GUARD_BEFORE_ANY_SDK
+    + """
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+other_engine = create_engine("sqlite://")
+other = install_guard(other_engine)  # the global provider, the real one now
+transaction()
+with Session(other_engine) as session:
+    session.execute(text("SELECT 1"))
+    session.commit()
+print(json.dumps({"counted": counted(reader)}))
+"""
+)
+
+
+def test_guards_before_and_after_a_global_sdk_share_the_transaction_counter(
+    tmp_path,
+):
+    """
+    A guard installed before the SDK made its counter on the API's proxy; one
+    installed after, on the real provider the proxy now hands to, shares it
+    instead of making a second instrument of the name (whose callbacks the SDK
+    would drop). (A subprocess: the global providers can be set only once.)
+    """
+    import json
+
+    output = _run_script(tmp_path, "proxy_then_real.py", _PROXY_THEN_REAL)
+    assert json.loads(output.strip().splitlines()[-1]) == {"counted": [2]}

@@ -1,0 +1,130 @@
+"""How a guard sees the statements a session runs: once each, without a do_orm_execute listener."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event, select, text, update
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from sessionguard import UnsynchronizedWrite, install_guard
+
+from .models import User
+
+_ORIGINAL_EXECUTE = Session.__dict__["_execute_internal"]
+
+
+def _rename(db: Any, name: str) -> None:
+    with db.engine().begin() as connection:
+        connection.execute(update(User).where(User.id == 1).values(name=name))
+
+
+def test_a_guard_leaves_sqlalchemy_building_no_orm_execute_state(sqlite_db, seed):
+    """
+    No do_orm_execute listener: SQLAlchemy runs an ORM statement as without a
+    guard (no ORMExecuteState, one orm_pre_session_exec), and the guard still
+    counts it; uninstall() puts SQLAlchemy's own _execute_internal back.
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    made: list[ORMExecuteState] = []
+    original_init = ORMExecuteState.__init__
+
+    def counting_init(self: ORMExecuteState, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original_init(self, *args, **kwargs)
+
+    ORMExecuteState.__init__ = counting_init  # type: ignore[method-assign]
+    try:
+        guard = install_guard(None)
+        with Session(engine) as session:
+            assert not session.dispatch.do_orm_execute
+            users = session.scalars(select(User)).all()
+            assert session.get(User, 1) is users[0]
+            session.commit()
+        assert made == []
+        assert guard.stats().statements == 1  # get() answered from the map
+        guard.uninstall()
+    finally:
+        ORMExecuteState.__init__ = original_init  # type: ignore[method-assign]
+    assert Session.__dict__["_execute_internal"] is _ORIGINAL_EXECUTE
+
+
+def test_a_statement_replayed_by_invoke_statement_is_one_statement(sqlite_db, seed):
+    """
+    A do_orm_execute hook that runs the statement itself (invoke_statement(),
+    the caching recipe) is one statement, and what it serves from the map is
+    still checked.
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    replayed = []
+
+    def replay(orm_state: ORMExecuteState) -> Any:
+        replayed.append(orm_state.statement)
+        return orm_state.invoke_statement()
+
+    event.listen(Session, "do_orm_execute", replay)
+    try:
+        guard = install_guard(engine)
+        session = Session(engine, expire_on_commit=False)
+        user = session.scalars(select(User)).one()
+        session.commit()
+        _rename(sqlite_db, "bob")
+        assert session.scalars(select(User)).one().name == "alice"  # stale
+        session.commit()
+        session.close()
+    finally:
+        event.remove(Session, "do_orm_execute", replay)
+    assert len(replayed) == 2
+    stats = guard.stats()
+    assert stats.statements == 2
+    assert stats.stale_reads == 1
+    del user
+
+
+def test_statements_of_a_transaction_begun_before_install_are_seen(sqlite_db, seed):
+    """
+    A session whose transaction began before the guard was installed: its
+    next statements are counted, and a text() UPDATE of a table whose objects
+    it holds is an unsynchronized write (the row changes, the object not).
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    session = Session(engine)
+    user = session.get(User, 1)  # begins the transaction, unguarded
+    guard = install_guard(engine)
+    session.execute(text("UPDATE sg_users SET name = 'bob' WHERE id = 1"))
+    assert user.name == "alice"  # the object did not follow the write
+    assert session.scalars(select(User.name)).one() == "bob"
+    stats = guard.stats()
+    assert stats.statements == 2
+    assert stats.transactions == 0  # it began before the guard
+    [finding] = guard.findings
+    assert isinstance(finding, UnsynchronizedWrite)
+    assert (finding.table, finding.statement) == ("sg_users", "text")
+    session.close()
+
+
+def test_two_guards_count_each_statement_once(sqlite_db, seed):
+    """
+    A guard on every session and one on the engine, the second installed
+    while a session the first watches is inside a transaction: each counts
+    every statement it covers once.
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    everywhere = install_guard(None)
+    session = Session(engine)
+    session.get(User, 1)  # watched by the first guard only
+    on_engine = install_guard(engine)
+    for _ in range(3):
+        session.scalars(select(User.id)).all()
+    session.commit()
+    with Session(engine) as fresh:
+        fresh.scalars(select(User.id)).all()
+        fresh.commit()
+    assert everywhere.stats().statements == 5
+    assert on_engine.stats().statements == 4
+    assert on_engine.stats().transactions == 1  # fresh's; session's began before
+    session.close()
