@@ -4,6 +4,7 @@ Overhead of sessionguard: configurations in their own processes, interleaved.
     python benchmarks/run.py [--rounds 7] [--ops 1000] [--database-url URL ...]
     python benchmarks/run.py --check    # exit status 1 when a target is missed
     python benchmarks/run.py --calls    # Python function calls per operation
+    python benchmarks/run.py --opcodes [--check]   # bytecodes, deterministic
     python benchmarks/run.py --instructions [--check]   # callgrind, deterministic
 
 Each configuration (configs.py) runs in a worker process of its own
@@ -27,6 +28,15 @@ in one session, each configuration in a fresh process.
 deterministic count, each configuration in its own process again): the same
 from run to run on any machine, for comparing changes to the hot path when
 wall-clock times are blurred by other load.
+
+``--opcodes`` counts the bytecodes executed per operation instead
+(``sys.settrace`` opcode events in the worker's thread, each configuration
+in its own process, with a fixed hash seed): the same from run to run, and,
+unlike calls, weighted by what each function does. On these workloads the
+ratios of bytecode counts follow the ratios of times within a few hundredths
+(docs/performance.md), so ``--check --opcodes`` evaluates the targets on
+them when the machine is too noisy to time. It counts Python only: what C
+does (SQLite's engine, the drivers) and what a server does are not in it.
 
 ``--instructions`` counts the machine instructions per operation instead
 (valgrind's callgrind, each configuration in its own process under it, all at
@@ -73,7 +83,7 @@ from targets import TARGETS, Target
 from workloads import WORKLOADS, create_data
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 WORKER = Path(__file__).with_name("worker.py")
 LAYOUT = Path(__file__).with_name("layout.py")
@@ -108,6 +118,7 @@ class WorkerProcess:
         url: str,
         callgrind: Path | None = None,
         layout: int = 0,
+        fixed_hash_seed: bool = False,
     ) -> None:
         self.configuration = configuration
         self.callgrind_out = (
@@ -119,8 +130,9 @@ class WorkerProcess:
             # Collect only inside operator.call (the worker's measured region),
             # and dump when it returns: one file per region, out.1, out.2, ...
             prefix = _callgrind(self.callgrind_out)
-            # A fixed hash seed: the same dict and set layouts every run, so
-            # the same instructions.
+            fixed_hash_seed = True
+        if fixed_hash_seed:
+            # The same dict and set layouts every run, so the same count.
             env = {**os.environ, "PYTHONHASHSEED": "0"}
         self.process = subprocess.Popen(
             [
@@ -194,12 +206,13 @@ def workers(
     url: str,
     callgrind: Path | None = None,
     layout: int = 0,
+    fixed_hash_seed: bool = False,
 ) -> Iterator[dict[str, WorkerProcess]]:
     """Workers for *configurations*, started together, all ended on exit."""
     started: dict[str, WorkerProcess] = {}
     try:
         for name in configurations:
-            started[name] = WorkerProcess(name, url, callgrind, layout)
+            started[name] = WorkerProcess(name, url, callgrind, layout, fixed_hash_seed)
         for process in started.values():
             process.wait_ready()
         yield started
@@ -343,6 +356,42 @@ def measure_calls(
     return results
 
 
+def measure_opcodes(
+    url: str, workloads: Sequence[str], configurations: Sequence[str], ops: int
+) -> dict[str, Any]:
+    """Bytecodes per operation, every configuration in its own process at once."""
+    needed = [
+        name
+        for name in configurations
+        if any(name in APPLIES[workload] for workload in workloads)
+    ]
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    with workers(needed, url, fixed_hash_seed=True) as pool:
+        for workload in workloads:
+            names = [name for name in needed if name in APPLIES[workload]]
+            count = _ops(workload, ops)
+            # All at once: the counts do not depend on what else runs.
+            for name in names:
+                pool[name].send(
+                    "opcodes", workload=workload, ops=count, warmup=_warmup(count)
+                )
+            answers = {name: pool[name].receive() for name in names}
+            base = answers["baseline"]["opcodes_per_op"]
+            results[workload] = {
+                "description": WORKLOADS[workload].description,
+                "ops": count,
+                "configurations": {
+                    name: {**answer, "ratio": answer["opcodes_per_op"] / base}
+                    for name, answer in answers.items()
+                },
+            }
+            _progress(
+                f"  opcodes: {workload} done ({time.monotonic() - started:.0f} s)"
+            )
+    return results
+
+
 def _callgrind(out: Path) -> list[str]:
     """valgrind's command line: count only inside the region, one dump each."""
     return [
@@ -467,7 +516,7 @@ class DatabaseResults:
         return dialect
 
     def ratio(self, workload: str, configuration: str) -> float | None:
-        counted = self.data.get("instructions")
+        counted = self.data.get("instructions") or self.data.get("opcodes")
         if counted is not None:
             entry = counted.get(workload)
             if entry is None or configuration not in entry["configurations"]:
@@ -702,26 +751,34 @@ def print_calls(data: dict[str, Any], configurations: Sequence[str]) -> None:
         print()
 
 
-def print_instructions(data: dict[str, Any], configurations: Sequence[str]) -> None:
-    counted: dict[str, Any] = data["instructions"]
+def _count_rows(
+    counted: dict[str, Any],
+    configurations: Sequence[str],
+    cell: Callable[[str, dict[str, Any], dict[str, Any]], str],
+) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a table of counts: *cell*(name, this, entry)."""
     header = ["configuration", *(f"{w} ({counted[w]['ops']} ops)" for w in counted)]
     rows = []
     for name in configurations:
         cells = [name]
         for entry in counted.values():
             this = entry["configurations"].get(name)
-            if this is None:
-                cells.append("—")
-            elif name == "baseline":
-                cells.append(f"1.000 ({this['instructions_per_op'] / 1000:,.0f} k)")
-            elif len(this["instructions_per_op_by_layout"]) > 1:
-                cells.append(
-                    f"{this['ratio']:.3f} "
-                    f"({this['min_ratio']:.3f}-{this['max_ratio']:.3f})"
-                )
-            else:
-                cells.append(f"{this['ratio']:.3f}")
+            cells.append("—" if this is None else cell(name, this, entry))
         rows.append(cells)
+    return header, rows
+
+
+def _instructions_cell(name: str, this: dict[str, Any], entry: dict[str, Any]) -> str:
+    if name == "baseline":
+        return f"1.000 ({this['instructions_per_op'] / 1000:,.0f} k)"
+    if len(this["instructions_per_op_by_layout"]) > 1:
+        return f"{this['ratio']:.3f} ({this['min_ratio']:.3f}-{this['max_ratio']:.3f})"
+    return f"{this['ratio']:.3f}"
+
+
+def print_instructions(data: dict[str, Any], configurations: Sequence[str]) -> None:
+    counted: dict[str, Any] = data["instructions"]
+    header, rows = _count_rows(counted, configurations, _instructions_cell)
     layouts = max(entry["layouts"] for entry in counted.values())
     print(
         "Instructions per operation (callgrind): the median over "
@@ -759,6 +816,41 @@ def print_instructions(data: dict[str, Any], configurations: Sequence[str]) -> N
         for workload in large:
             header += [workload.removesuffix("-10k"), workload, "drift"]
         print(_table(header, rows))
+        print()
+
+
+def _opcodes_cell(name: str, this: dict[str, Any], entry: dict[str, Any]) -> str:
+    if name == "baseline":
+        return f"1.000 ({this['opcodes_per_op']:,.0f})"
+    added = (
+        this["opcodes_per_op"] - entry["configurations"]["baseline"]["opcodes_per_op"]
+    )
+    return f"{this['ratio']:.3f} ({added:+,.0f})"
+
+
+def print_opcodes(data: dict[str, Any], configurations: Sequence[str]) -> None:
+    counted: dict[str, Any] = data["opcodes"]
+    header, rows = _count_rows(counted, configurations, _opcodes_cell)
+    print(
+        "Bytecodes executed per operation (sys.settrace opcode events), as a "
+        "ratio to the baseline (added bytecodes); baseline in bytecodes:"
+    )
+    print(_table(header, rows))
+    print()
+    for workload, entry in counted.items():
+        groups = sorted(
+            {g for this in entry["configurations"].values() for g in this["by_package"]}
+        )
+        rows = [
+            [
+                name,
+                *(f"{this['by_package'].get(g, 0.0):,.0f}" for g in groups),
+                f"{this['opcodes_per_op']:,.0f}",
+            ]
+            for name, this in entry["configurations"].items()
+        ]
+        print(f"{workload}: bytecodes per operation by where the code lives:")
+        print(_table(["configuration", *groups, "total"], rows))
         print()
 
 
@@ -916,6 +1008,13 @@ def _parser() -> argparse.ArgumentParser:
         "evaluated on instruction ratios)",
     )
     parser.add_argument(
+        "--opcodes",
+        action="store_true",
+        help="count the bytecodes executed per operation instead of timing "
+        "(deterministic; with --check, the targets are evaluated on their "
+        "ratios)",
+    )
+    parser.add_argument(
         "--layouts",
         type=_positive,
         default=3,
@@ -943,7 +1042,8 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
             "mode": "calls"
             if args.calls
             else ("check" if args.check else "times")
-            + (" (instructions)" if args.instructions else ""),
+            + (" (instructions)" if args.instructions else "")
+            + (" (opcodes)" if args.opcodes else ""),
         },
         "databases": [],
     }
@@ -966,6 +1066,8 @@ def measure(args: argparse.Namespace, configurations: list[str]) -> dict[str, An
                 data["instructions"] = measure_instructions(
                     url, timed, configurations, args.ops, args.layouts
                 )
+            elif timed and args.opcodes:
+                data["opcodes"] = measure_opcodes(url, timed, configurations, args.ops)
             elif timed:
                 data["times"] = measure_times(
                     url,
@@ -1002,6 +1104,11 @@ def print_report(
             if "W1" in data["calls"]:
                 print_call_differences(data, "W1", top=8)
             continue
+        if "opcodes" in data:
+            print(f"## {data['label']}: bytecodes executed\n")
+            print_opcodes(data, configurations)
+            print_memory(data)
+            continue
         if "instructions" in data:
             print(f"## {data['label']}: instructions (callgrind)\n")
             print_instructions(data, configurations)
@@ -1020,6 +1127,8 @@ def print_report(
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.opcodes and (args.calls or args.instructions):
+        parser.error("--opcodes, --instructions and --calls count: pick one")
     if args.instructions:
         if not hasattr(operator, "call"):
             parser.error("--instructions needs Python 3.11+ (operator.call)")

@@ -64,11 +64,24 @@ def _plus(reading: Reading, margin: float) -> Reading:
 
 
 def _size_drift(configuration: str) -> Reading:
-    """|ratio with 10,000 objects held / ratio with 10 - 1|, for W1."""
+    """
+    |ratio with 10,000 objects held / ratio with 10 - 1|, on W2.
+
+    Issue 10 wrote this on W1. There, SQLAlchemy's own expiry of every held
+    object at each commit makes the baseline about 80 times slower with
+    10,000 objects, so a guard's unchanged cost shrinks in the ratio and the
+    drift is the guard's whole 10-object overhead: the target then only
+    holds for a guard under 1.05 on W1, tighter than the W1 targets
+    themselves. And W1 has no identity-map hit, so nothing that could grow
+    with the map (the hit detection, the check) runs there. W2 reads the
+    same rows with every read a hit, and its baseline does not grow with the
+    map: the ratio there moves only if the guard's cost does. (run.py
+    prints the W1 drift beside it.)
+    """
 
     def drift(m: Measured) -> float | None:
-        large = m.ratio("W1-10k", configuration)
-        small = m.ratio("W1", configuration)
+        large = m.ratio("W2-10k", configuration)
+        small = m.ratio("W2", configuration)
         if large is None or small is None:
             return None
         return abs(large / small - 1.0)
@@ -150,7 +163,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     *(
         Target(
-            f"W1 {configuration}: 10,000 vs 10 objects held, ratios within 5 %",
+            f"W2 {configuration}: 10,000 vs 10 objects held, ratios within 5 %",
             None,
             _size_drift(configuration),
             _constant(0.05),

@@ -5,7 +5,8 @@ A benchmark worker: one configuration on one database, in a process of its own.
 
 run.py starts it and talks to it in JSON lines: the worker answers
 ``{"ready": ...}`` once the configuration is installed, then one line per
-command read from stdin (``time``, ``calls``, ``instructions``, ``memory``)
+command read from stdin (``time``, ``calls``, ``opcodes``, ``instructions``,
+``memory``)
 until stdin closes.
 A guard listens on the Session class and hooks process-wide functions, so
 configurations sharing a process would tax each other: hence one per process.
@@ -159,6 +160,54 @@ class Worker:
             },
         }
 
+    def opcodes(self, workload: str, ops: int, warmup: int) -> dict[str, Any]:
+        """
+        Bytecode instructions executed per operation (``sys.settrace`` opcode
+        events, this thread only), in total and by where the code lives.
+
+        Deterministic, like ``calls``, but it weighs what a function does,
+        not only that it was called: on this workload the ratios of opcode
+        counts follow the ratios of times closely (docs/performance.md).
+        """
+        running = WORKLOADS[workload](self.engine, self.installed.check)
+        running.start()
+        counts: dict[str, int] = {}
+        by_code: dict[Any, str] = {}
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            code = frame.f_code
+            group = by_code.get(code)
+            if group is None:
+                group = by_code[code] = _call_group(code.co_filename)
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    counts[group] = counts.get(group, 0) + 1
+                return local
+
+            return local
+
+        try:
+            running.run(warmup)
+            gc.collect()
+            gc.disable()  # a collection's finalizers would blur the count
+            try:
+                sys.settrace(trace)
+                running.run(ops)
+            finally:
+                sys.settrace(None)
+                gc.enable()
+        finally:
+            running.stop()
+            self.installed.after_batch()
+        total = sum(counts.values())
+        return {
+            "opcodes_per_op": total / ops,
+            "by_package": {group: count / ops for group, count in counts.items()},
+        }
+
     def instructions(self, workload: str, ops: int, warmup: int) -> dict[str, Any]:
         """
         Run *ops* operations as one callgrind region (run.py --instructions).
@@ -251,6 +300,8 @@ def main(argv: list[str]) -> int:
             reply(worker.calls(**command))
         elif kind == "instructions":
             reply(worker.instructions(**command))
+        elif kind == "opcodes":
+            reply(worker.opcodes(**command))
         elif kind == "memory":
             reply(worker.memory(**command))
         else:
