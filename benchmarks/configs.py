@@ -88,7 +88,7 @@ def _floor(engine: Engine) -> Installed:
 
 
 def _check_floor(engine: Engine) -> Installed:
-    return Installed(check=HandCheck(engine.dialect.name))
+    return Installed(check=HandCheck(engine.dialect))
 
 
 def _guard(sample_rate: float, sdk: bool) -> Callable[[Engine], Installed]:

@@ -363,7 +363,7 @@ class _MapperInfo:
 class _Plan:
     """The check's SELECT of some attributes of a mapper, and how to compare."""
 
-    __slots__ = ("compare", "many", "one")
+    __slots__ = ("compare", "many", "one", "raw")
 
     def __init__(
         self, mapper: Mapper[Any], info: _MapperInfo, keys: tuple[str, ...]
@@ -385,6 +385,10 @@ class _Plan:
         self.many: Select[Any] = selected.where(criterion).execution_options(
             **_VERIFICATION_OPTIONS
         )
+        self.raw: weakref.WeakKeyDictionary[Dialect, _RawOne | None] = (
+            weakref.WeakKeyDictionary()
+        )
+        """``one`` compiled for a dialect whose driver it can run on directly."""
         self.compare: dict[str, tuple[int, TypeEngine[Any] | None]] = {}
         """key: (position in the row, the type to compare with, or None for ==)."""
         for index, key in enumerate(keys):
@@ -393,6 +397,101 @@ class _Plan:
             # TypeDecorator, PickleType, ARRAY...) is worth a call per value.
             plain = type(type_).compare_values is TypeEngine.compare_values
             self.compare[key] = (info.pk_width + index, None if plain else type_)
+
+
+# (dialect name, driver) whose execution of a plain SELECT is the driver's
+# cursor.execute(sql, parameters) and nothing more: no setinputsizes (asyncpg,
+# oracledb), no execution-context hooks. The one-object check runs on their
+# DB-API cursor directly, compiled once: through SQLAlchemy's Connection the
+# same SELECT costs ten times as much (the execution context, the result's
+# metadata), which at 100 % is most of what a checked hit costs.
+_RAW_DRIVERS = frozenset(
+    {
+        ("sqlite", "pysqlite"),
+        ("sqlite", "aiosqlite"),
+        ("postgresql", "psycopg"),
+        ("postgresql", "psycopg2"),
+        ("mysql", "pymysql"),
+        ("mysql", "mysqldb"),
+        ("mysql", "aiomysql"),
+        ("mariadb", "pymysql"),
+        ("mariadb", "mysqldb"),
+        ("mariadb", "aiomysql"),
+    }
+)
+
+
+class _RawOne:
+    """A plan's one-object SELECT, compiled for one dialect, run on the cursor."""
+
+    __slots__ = (
+        "dialect",
+        "name",
+        "positional",
+        "process_key",
+        "processors",
+        "sql",
+        "types",
+    )
+
+    def __init__(self, one: Select[Any], compiled: Any, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.sql: str = compiled.string
+        self.positional = dialect.positional
+        self.name = compiled.escaped_bind_names.get(_PKS, _PKS)
+        self.process_key: Any = compiled._bind_processors.get(_PKS)
+        self.types = [column.type for column in one.selected_columns]
+        # Result processors by the cursor's type codes (SQLAlchemy picks a
+        # column's processor by the type the driver reports).
+        self.processors: dict[tuple[Any, ...], list[Any]] = {}
+
+    @staticmethod
+    def made(one: Select[Any], dialect: Dialect) -> _RawOne | None:
+        """The raw form, or None where SQLAlchemy does more than the driver."""
+        if (dialect.name, dialect.driver) not in _RAW_DRIVERS:
+            return None
+        try:
+            compiled: Any = one.compile(dialect=dialect)
+            if list(compiled.binds) != [_PKS] or (
+                dialect.positional and list(compiled.positiontup or ()) != [_PKS]
+            ):
+                return None
+            return _RawOne(one, compiled, dialect)
+        except Exception:  # noqa: BLE001 - the Connection path will do
+            return None
+
+    def rows(
+        self, connection: Connection, key: Any
+    ) -> dict[tuple[Any, ...], Sequence[Any]]:
+        process = self.process_key
+        value = key if process is None else process(key)
+        parameters: Any = (value,) if self.positional else {self.name: value}
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(self.sql, parameters)
+            codes = tuple(column[1] for column in cursor.description)
+            fetched = cursor.fetchall()
+        finally:
+            cursor.close()
+        processors = self.processors.get(codes)
+        if processors is None:
+            dialect = self.dialect
+            processors = self.processors[codes] = [
+                type_._cached_result_processor(dialect, code)
+                for type_, code in zip(self.types, codes, strict=True)
+            ]
+        rows: dict[tuple[Any, ...], Sequence[Any]] = {}
+        for fetched_row in fetched:
+            row = (
+                tuple(
+                    value if processor is None else processor(value)
+                    for processor, value in zip(processors, fetched_row, strict=True)
+                )
+                if any(processors)
+                else tuple(fetched_row)
+            )
+            rows[(row[0],)] = row
+        return rows
 
 
 _mapper_infos: weakref.WeakKeyDictionary[Mapper[Any], _MapperInfo] = (
@@ -742,9 +841,14 @@ def _fetch(  # noqa: PLR0917 - positional on the hot path
         rows: dict[tuple[Any, ...], Sequence[Any]] = {}
         if plan.one is not None and len(identities) == 1:
             # One object: "pk = :pk" (an expanding IN costs a rewrite of the
-            # compiled SQL on every execution).
-            for row in connection.execute(plan.one, {_PKS: identities[0][0]}):
-                rows[(row[0],)] = row
+            # compiled SQL on every execution); on the driver's cursor itself
+            # on the session's own transaction, where the driver allows.
+            raw = _raw_one(plan, plan.one, connection) if not owned else None
+            if raw is not None and not restore_autobegin:
+                rows = raw.rows(connection, identities[0][0])
+            else:
+                for row in connection.execute(plan.one, {_PKS: identities[0][0]}):
+                    rows[(row[0],)] = row
         else:
             for start in range(0, len(identities), _BATCH):
                 chunk = identities[start : start + _BATCH]
@@ -762,6 +866,20 @@ def _fetch(  # noqa: PLR0917 - positional on the hot path
             connection.close()
         elif restore_autobegin and connection.in_transaction():
             connection.rollback()
+
+
+def _raw_one(plan: _Plan, one: Select[Any], connection: Connection) -> _RawOne | None:
+    """The plan's raw one-object SELECT for *connection*, or None."""
+    if connection._execution_options.get("schema_translate_map"):
+        return None  # SQLAlchemy rewrites the schema names at execution
+    dialect = connection.dialect
+    try:
+        return plan.raw[dialect]
+    except KeyError:
+        made = _RawOne.made(one, dialect)
+        with _cache_lock:
+            plan.raw[dialect] = made
+        return made
 
 
 def _autocommit(connection: Connection) -> bool:

@@ -1093,6 +1093,62 @@ def test_single_table_inheritance_polymorphic_select(extra):
         assert found == [("Car", (1,), ["doors"]), ("Truck", (2,), ["wheels"])]
 
 
+@pytest.mark.parametrize("translated", [False, True])
+def test_one_object_check_on_the_driver_cursor_finds_what_the_connection_would(
+    extra, monkeypatch, translated
+):
+    """
+    The check of one object runs on the driver's cursor, SQL compiled once (no
+    SQLAlchemy execution: no before_cursor_execute for it), with SQLAlchemy's
+    own bind and result processing: every typed column's change reads back as
+    the value SQLAlchemy would load. With a schema_translate_map, and with the
+    raw path turned off, the same check goes through the Connection and finds
+    the same.
+    """
+    from sessionguard import _stale as stale_module
+
+    _seed_typed(extra)
+
+    def changed_values(raw_allowed: bool) -> tuple[list[Any], list[_Sql]]:
+        if not raw_allowed:
+            monkeypatch.setattr(stale_module, "_RAW_DRIVERS", frozenset())
+        # An engine of its own: the compiled form is kept per dialect.
+        engine = extra.engine()
+        if translated:
+            engine = engine.execution_options(schema_translate_map={None: None})
+        guard = install_guard(engine, log_values=True)
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                row = session.get(Typed, TYPED_ID)
+                session.commit()
+                _commit_elsewhere(extra, update(Typed).values(TYPED_CHANGES))
+                session.scalars(select(Typed.id)).all()  # begins the transaction
+                with _sql_log(engine) as statements:
+                    assert session.get(Typed, TYPED_ID) is row
+                    assert row.mood is TYPED_VALUES["mood"]  # the bug, still
+                session.rollback()
+            [finding] = _stale(guard)
+            current = sorted(
+                (diff.name, _utc(diff.current)) for diff in finding.attributes
+            )
+            return current, statements
+        finally:
+            guard.uninstall()
+            _commit_elsewhere(extra, update(Typed).values(TYPED_VALUES))
+            monkeypatch.undo()
+
+    expected = sorted((name, _utc(value)) for name, value in TYPED_CHANGES.items())
+    raw, raw_statements = changed_values(raw_allowed=True)
+    through_connection, statements = changed_values(raw_allowed=False)
+    assert raw == through_connection == expected
+    assert len(_check_queries(statements)) == 1
+    driver = (extra.engine().dialect.name, extra.engine().dialect.driver)
+    if translated or driver not in stale_module._RAW_DRIVERS:
+        assert len(_check_queries(raw_statements)) == 1
+    else:
+        assert _check_queries(raw_statements) == []
+
+
 @pytest.mark.parametrize("db", ["postgresql", "mariadb"], indirect=True)
 def test_native_uuid_primary_key(extra):
     """Uuid binds correctly in the check, native (PostgreSQL; MariaDB from
