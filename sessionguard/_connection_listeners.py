@@ -55,7 +55,8 @@ def _execution_option(
     for options in (
         kwargs.get("execution_options"),
         getattr(statement, "_execution_options", None),
-        session.execution_options,
+        # Session-wide options are new in SQLAlchemy 2.1.
+        getattr(session, "execution_options", None),
     ):
         if options and name in options:
             return options[name]

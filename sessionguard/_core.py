@@ -113,6 +113,9 @@ class _Counters:
         # The session counts at the last reset (GuardStats starts from zero;
         # the OpenTelemetry counter, which reads the same counts, does not).
         self.offset = [0] * len(SESSION_COUNTS)
+        # Set while session_counts() sums: a fold then (an uninstall run by
+        # the garbage collector in this thread) waits for the next one.
+        self.counting = False
 
     def add(self, name: str, amount: int = 1) -> None:
         with self.lock:
@@ -129,9 +132,12 @@ class _Counters:
 
     def fold(self) -> None:
         """Move the counts of ``retiring`` into ``retired`` (lock held)."""
+        if self.counting:
+            return
         count = len(self.retiring)
         for state in self.retiring[:count]:
             _add_counts(self.retired, state)
+            state.folded = True
         del self.retiring[:count]
 
     def session_counts(self, live: list[SessionState]) -> dict[str, list[int]]:
@@ -141,14 +147,19 @@ class _Counters:
         (lock held).
         """
         self.fold()
-        totals = {system: list(counts) for system, counts in self.retired.items()}
-        # A session collected since the snapshot of *live* was taken is in
-        # `retiring` now too: each state counts once.
-        states = {id(state): state for state in live}
-        states.update((id(state), state) for state in list(self.retiring))
-        for state in states.values():
-            _add_counts(totals, state)
-        return totals
+        self.counting = True
+        try:
+            totals = {system: list(counts) for system, counts in self.retired.items()}
+            # Each state once: one collected since the snapshot of *live* was
+            # taken is in `retiring` too, or was folded just now (its counts
+            # are in `retired`).
+            states = {id(state): state for state in live if not state.folded}
+            states.update((id(state), state) for state in list(self.retiring))
+            for state in states.values():
+                _add_counts(totals, state)
+            return totals
+        finally:
+            self.counting = False
 
     def snapshot(self, live: list[SessionState]) -> GuardStats:
         with self.lock:
@@ -210,6 +221,7 @@ class SessionState:
         "cross_thread_reported",
         "dialect",
         "finalizer",
+        "folded",
         "identity_map",
         "max_identity_map_size",
         "namespace",
@@ -229,7 +241,9 @@ class SessionState:
     def __init__(self) -> None:
         self.transaction: weakref.ref[SessionTransaction] | None = None
         self.began_at = 0.0
-        # SESSION_COUNTS: what _Counters sums.
+        # SESSION_COUNTS: what _Counters sums (`folded` once they are in its
+        # `retired`).
+        self.folded = False
         self.transactions = 0
         self.commits = 0
         self.rollbacks = 0
@@ -418,6 +432,9 @@ class GuardCore(_session_hooks.SessionObserver):
         """A session was garbage-collected."""
         if state.transaction is not None:
             self._abandoned(state, key)
+        # What the counts do not need goes now (the state waits in
+        # `retiring` until folded).
+        state.identity_map = state.span = state.dialect = state.request = None
         # Retired before it leaves _sessions: a snapshot of the counts taken
         # meanwhile finds it in one or both, never in neither.
         self._counters.retire(state)

@@ -225,20 +225,6 @@ def _unwatched(
         observer.unwatched_statement(session, statement, kwargs)
 
 
-def _first_statement(session: Session, statement: Any, kwargs: dict[str, Any]) -> None:
-    watched = _watched.get(session.hash_key)
-    if watched is None:
-        # Still no guard watches it: not theirs, or in a transaction that
-        # began before they were installed. They look for themselves.
-        _unwatched(session, statement, kwargs, None)
-        return
-    for observer, state in watched.guards:
-        # Fail-open by itself; raises only what is asked for.
-        observer.statement_executing(session, state, statement, kwargs)
-    if len(watched.guards) < len(_hooks.observers):
-        _unwatched(session, statement, kwargs, watched.guards)
-
-
 def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """``Session._execute_internal``: statements told, threads bracketed."""
 
@@ -247,15 +233,11 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         watched = _watched.get(self.hash_key)
         if watched is None:
-            if not _hooks.observers or kwargs.get("_parent_execute_state") is not None:
-                return original(self, statement, *args, **kwargs)
-            try:
-                return original(self, statement, *args, **kwargs)
-            finally:
-                # The session's first statement: the transaction it began
-                # made the guards that cover it watch it (after_begin). Told
-                # now; the rest of its statements are told before they run.
-                _first_statement(self, statement, kwargs)
+            # A session no guard watches yet (its first statement, or one no
+            # guard covers): the guards look for themselves, before it runs.
+            if _hooks.observers and kwargs.get("_parent_execute_state") is None:
+                _unwatched(self, statement, kwargs, None)
+            return original(self, statement, *args, **kwargs)
         inside = watched.inside
         me = _get_ident()
         depth = inside.get(me)
@@ -346,7 +328,9 @@ def acquire(observer: SessionObserver) -> None:
         if _hooks.users == 0:
             for name, (make, leading) in _HOOKS.items():
                 original = Session.__dict__.get(name)
-                if original is None or original is _hooks.wrappers.get(name):
+                if original is None or _reaches(original, _hooks.wrappers.get(name)):
+                    # Ours, or someone's wrapper around ours (functools.wraps):
+                    # wrapping that again would tell every statement twice.
                     continue
                 if not _signature_ok(original, leading):
                     continue
@@ -364,10 +348,23 @@ def acquire(observer: SessionObserver) -> None:
         _hooks.observers = (*_hooks.observers, observer)
 
 
+def _reaches(function: Any, wrapper: Any) -> bool:
+    """Whether *function* is *wrapper*, or wraps it (``__wrapped__``)."""
+    if wrapper is None:
+        return False
+    for _ in range(16):  # a chain of wrappers, not a cycle
+        if function is wrapper:
+            return True
+        function = getattr(function, "__wrapped__", None)
+        if function is None:
+            return False
+    return False
+
+
 def installed() -> bool:
-    """Whether the wrappers made by :func:`acquire` are still in place."""
+    """Whether the wrappers made by :func:`acquire` are still called."""
     return all(
-        Session.__dict__.get(name) is wrapper
+        _reaches(Session.__dict__.get(name), wrapper)
         for name, wrapper in _hooks.wrappers.items()
     )
 

@@ -405,18 +405,19 @@ class _Plan:
 # DB-API cursor directly, compiled once: through SQLAlchemy's Connection the
 # same SELECT costs ten times as much (the execution context, the result's
 # metadata), which at 100 % is most of what a checked hit costs.
+# (By is_async too: postgresql+psycopg_async says driver "psycopg".)
 _RAW_DRIVERS = frozenset(
     {
-        ("sqlite", "pysqlite"),
-        ("sqlite", "aiosqlite"),
-        ("postgresql", "psycopg"),
-        ("postgresql", "psycopg2"),
-        ("mysql", "pymysql"),
-        ("mysql", "mysqldb"),
-        ("mysql", "aiomysql"),
-        ("mariadb", "pymysql"),
-        ("mariadb", "mysqldb"),
-        ("mariadb", "aiomysql"),
+        ("sqlite", "pysqlite", False),
+        ("sqlite", "aiosqlite", True),
+        ("postgresql", "psycopg", False),
+        ("postgresql", "psycopg2", False),
+        ("mysql", "pymysql", False),
+        ("mysql", "mysqldb", False),
+        ("mysql", "aiomysql", True),
+        ("mariadb", "pymysql", False),
+        ("mariadb", "mysqldb", False),
+        ("mariadb", "aiomysql", True),
     }
 )
 
@@ -425,7 +426,6 @@ class _RawOne:
     """A plan's one-object SELECT, compiled for one dialect, run on the cursor."""
 
     __slots__ = (
-        "dialect",
         "name",
         "positional",
         "process_key",
@@ -435,7 +435,7 @@ class _RawOne:
     )
 
     def __init__(self, one: Select[Any], compiled: Any, dialect: Dialect) -> None:
-        self.dialect = dialect
+        # (Not the dialect itself: plan.raw is keyed by it, weakly.)
         self.sql: str = compiled.string
         self.positional = dialect.positional
         self.name = compiled.escaped_bind_names.get(_PKS, _PKS)
@@ -448,7 +448,7 @@ class _RawOne:
     @staticmethod
     def made(one: Select[Any], dialect: Dialect) -> _RawOne | None:
         """The raw form, or None where SQLAlchemy does more than the driver."""
-        if (dialect.name, dialect.driver) not in _RAW_DRIVERS:
+        if (dialect.name, dialect.driver, dialect.is_async) not in _RAW_DRIVERS:
             return None
         try:
             compiled: Any = one.compile(dialect=dialect)
@@ -475,7 +475,7 @@ class _RawOne:
             cursor.close()
         processors = self.processors.get(codes)
         if processors is None:
-            dialect = self.dialect
+            dialect = connection.dialect
             processors = self.processors[codes] = [
                 type_._cached_result_processor(dialect, code)
                 for type_, code in zip(self.types, codes, strict=True)

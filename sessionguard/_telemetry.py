@@ -133,6 +133,10 @@ class _TransactionCounter:
     def __init__(self, meter: Meter) -> None:
         self._lock = threading.Lock()
         self._sources: dict[int, weakref.ref[Telemetry]] = {}
+        # Guards uninstalled, whose counts are not moved to _closed yet (an
+        # uninstall may run in the garbage collector, inside _observe() on
+        # this very thread: it never waits for the lock).
+        self._closing: list[Telemetry] = []
         # Counts of guards uninstalled since: a cumulative counter never goes
         # back. (outcome, db.system.name) -> transactions
         self._closed: dict[tuple[str, str], int] = {}
@@ -149,10 +153,21 @@ class _TransactionCounter:
 
     def remove(self, telemetry: Telemetry) -> None:
         """*telemetry*'s guard is uninstalled: keep its counts, stop asking."""
-        with self._lock:
-            if self._sources.pop(id(telemetry), None) is None:
-                return
-            self._add(self._closed, telemetry)
+        self._closing.append(telemetry)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._settle()
+            finally:
+                self._lock.release()
+        # Otherwise whoever holds the lock, or the next caller, settles it;
+        # until then its counts are still read from the guard.
+
+    def _settle(self) -> None:
+        """Move the counts of uninstalled guards to _closed (lock held)."""
+        while self._closing:
+            telemetry = self._closing.pop()
+            if self._sources.pop(id(telemetry), None) is not None:
+                self._add(self._closed, telemetry)
 
     @staticmethod
     def _add(totals: dict[tuple[str, str], int], telemetry: Telemetry) -> None:
@@ -167,6 +182,7 @@ class _TransactionCounter:
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
+            self._settle()
             totals = dict(self._closed)
             for reference in list(self._sources.values()):
                 telemetry = reference()

@@ -97,9 +97,10 @@ class TransactionListeners(ConnectionListeners):
         sampled = state.sampled = rate >= 1.0 or (
             rate > 0.0 and self._random.random() < rate
         )
+        # For the span, also one made later for a finding (_span_of).
+        state.namespace = connection.engine.url.database
         telemetry = self._telemetry
         if sampled or telemetry.debug_on:
-            state.namespace = connection.engine.url.database
             state.span = telemetry.transaction_begun(session.hash_key, size, sampled)
 
     def _tracked(self, session: Session) -> SessionState | None:

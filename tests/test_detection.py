@@ -1142,11 +1142,50 @@ def test_one_object_check_on_the_driver_cursor_finds_what_the_connection_would(
     through_connection, statements = changed_values(raw_allowed=False)
     assert raw == through_connection == expected
     assert len(_check_queries(statements)) == 1
-    driver = (extra.engine().dialect.name, extra.engine().dialect.driver)
+    dialect = extra.engine().dialect
+    driver = (dialect.name, dialect.driver, dialect.is_async)
     if translated or driver not in stale_module._RAW_DRIVERS:
         assert len(_check_queries(raw_statements)) == 1
     else:
         assert _check_queries(raw_statements) == []
+
+
+def test_the_compiled_one_object_check_holds_no_dialect(sqlite_db, seed):
+    """
+    The one-object check compiled for a dialect is kept per dialect, weakly;
+    what is kept holds no reference back to the dialect, so the engines a
+    process makes and drops do not stay alive through the guard.
+    """
+    import gc
+    import weakref
+
+    from sqlalchemy import create_engine
+
+    from sessionguard import _stale as stale_module
+
+    seed(sqlite_db)
+    dialects = []
+    for _ in range(3):
+        engine = create_engine(sqlite_db.url)
+        guard = install_guard(engine)
+        with Session(engine, expire_on_commit=False) as session:
+            user = session.get(User, 1)
+            session.commit()
+            session.scalars(select(User.id)).all()
+            assert session.get(User, 1) is user  # a hit: checked on the cursor
+        assert guard.stats().verified_objects == 1
+        compiled = [
+            plan.raw.get(engine.dialect)
+            for info in list(stale_module._mapper_infos.values())
+            for plan in list(info.plans.values())
+        ]
+        assert any(compiled)  # the check ran on the cursor
+        guard.uninstall()
+        engine.dispose()
+        dialects.append(weakref.ref(engine.dialect))
+        del engine, session, user, guard, compiled
+    gc.collect()
+    assert [ref() for ref in dialects] == [None, None, None]
 
 
 @pytest.mark.parametrize("db", ["postgresql", "mariadb"], indirect=True)

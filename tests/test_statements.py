@@ -128,3 +128,76 @@ def test_two_guards_count_each_statement_once(sqlite_db, seed):
     assert on_engine.stats().statements == 4
     assert on_engine.stats().transactions == 1  # fresh's; session's began before
     session.close()
+
+
+def test_a_write_the_first_statement_makes_is_told_before_it_runs(sqlite_db, seed):
+    """
+    A session first seen by a statement (its transaction began before the
+    guard): an ORM UPDATE without synchronisation is reported before it runs,
+    so that warnings turned into errors stop it, as they would for any other
+    statement.
+    """
+    import warnings
+
+    from sessionguard import SessionGuardWarning
+
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    session = Session(engine)
+    user = session.get(User, 1)  # the transaction begins unguarded
+    install_guard(engine, on_stale="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SessionGuardWarning)
+        try:
+            session.execute(
+                update(User).values(name="bob"),
+                execution_options={"synchronize_session": False},
+            )
+        except SessionGuardWarning:
+            pass
+        else:
+            raise AssertionError("no SessionGuardWarning")
+    # The UPDATE did not run: the row still says alice.
+    assert session.scalars(select(User.name)).one() == "alice"
+    assert user.name == "alice"
+    session.close()
+
+
+def test_a_wrapper_around_the_statement_hook_is_kept_and_not_wrapped_again(
+    sqlite_db, seed
+):
+    """
+    Someone wraps Session._execute_internal after the guard (functools.wraps):
+    the guard still counts each statement once, says it is installed, and a
+    guard installed after an uninstall does not wrap the wrapper again.
+    """
+    import functools
+
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    first = install_guard(engine)
+    ours = Session.__dict__["_execute_internal"]
+    calls = []
+
+    @functools.wraps(ours)
+    def theirs(self: Session, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return ours(self, *args, **kwargs)
+
+    Session._execute_internal = theirs  # type: ignore[method-assign]
+    try:
+        assert first.installed
+        with Session(engine) as session:
+            session.scalars(select(User.id)).all()
+        assert first.stats().statements == 1
+        first.uninstall()
+        second = install_guard(engine)
+        assert Session.__dict__["_execute_internal"] is theirs
+        with Session(engine) as session:
+            session.scalars(select(User.id)).all()
+            session.scalars(select(User.id)).all()
+        assert second.stats().statements == 2
+        assert len(calls) == 3
+        second.uninstall()
+    finally:
+        Session._execute_internal = _ORIGINAL_EXECUTE  # type: ignore[method-assign]

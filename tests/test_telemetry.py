@@ -698,6 +698,7 @@ def test_an_unsampled_transaction_gets_its_span_when_something_is_found(
     [span] = otel.spans()
     assert before_begin <= span.start_time <= span.end_time
     assert span.attributes["sessionguard.outcome"] == "commit"
+    assert span.attributes["db.namespace"] == engine.url.database
     assert span.attributes["sessionguard.stale_reads"] == 1
     assert span.attributes["sessionguard.statements"] == 1
     assert [event.name for event in span.events] == ["sessionguard.stale_read"]
@@ -781,3 +782,46 @@ def test_guards_before_and_after_a_global_sdk_share_the_transaction_counter(
 
     output = _run_script(tmp_path, "proxy_then_real.py", _PROXY_THEN_REAL)
     assert json.loads(output.strip().splitlines()[-1]) == {"counted": [2]}
+
+
+def test_an_uninstall_while_the_transaction_counter_is_read_waits_for_it(
+    sqlite_db, seed, otel
+):
+    """
+    A guard uninstalled inside the collection of sessionguard.transactions on
+    the same thread (the garbage collector finalising its engine there) does
+    not deadlock the reader, and its counts are neither lost nor doubled.
+    """
+    import threading
+
+    seed(sqlite_db)
+    first_engine, second_engine = sqlite_db.engine(), sqlite_db.engine()
+    providers = {
+        "tracer_provider": otel.tracer_provider,
+        "meter_provider": otel.meter_provider,
+    }
+    first = install_guard(first_engine, **providers)
+    second = install_guard(second_engine, **providers)
+    for engine, count in ((first_engine, 2), (second_engine, 3)):
+        for _ in range(count):
+            with Session(engine) as session:
+                session.get(User, 1)
+                session.commit()
+    source = first._telemetry.transaction_counts
+    assert source is not None
+
+    def uninstalling_source() -> dict[str, list[int]]:
+        second.uninstall()  # inside the reader's callback, on its thread
+        return source()
+
+    first._telemetry.transaction_counts = uninstalling_source
+    read: list[dict[str, int]] = []
+    reader = threading.Thread(
+        target=lambda: read.append(_transactions_counted(otel)), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "collecting sessionguard.transactions deadlocked"
+    first._telemetry.transaction_counts = source
+    assert read == [{"commit": 5}]
+    assert _transactions_counted(otel) == {"commit": 5}

@@ -321,3 +321,25 @@ def test_a_flush_overlapping_another_threads_statement_is_one_cross_thread(db):
     session.close()
     (finding,) = _cross_thread(guard)
     assert {finding.first_thread, finding.other_thread} == _thread_names(workers)
+
+
+def test_a_session_collected_while_the_counts_are_read_counts_once(sqlite_db):
+    """
+    The sessions' counts are summed over a snapshot of the live sessions: one
+    collected after the snapshot was taken (another thread, the garbage
+    collector) is counted once, in stats() and after clear().
+    """
+    import gc
+
+    engine = sqlite_db.engine()
+    guard = install_guard(engine)
+    session = Session(engine)
+    session.execute(text("SELECT 1"))
+    session.commit()
+    live = list(guard._sessions.values())  # what stats() snapshots first
+    del session
+    gc.collect()  # the session goes: its state moves to the retired counts
+    stats = guard._counters.snapshot(live)
+    assert (stats.transactions, stats.commits, stats.statements) == (1, 1, 1)
+    guard._counters.reset(live)
+    assert guard.stats().transactions == 0
