@@ -654,10 +654,7 @@ def test_sampled_transactions_are_traced_and_every_one_is_counted(
         tracer_provider=otel.tracer_provider,
         meter_provider=otel.meter_provider,
     )
-    for _ in range(400):
-        with Session(engine) as session:
-            session.get(User, 1)
-            session.commit()
+    _transactions(engine, 400)
     traced = len(otel.spans())
     # Binomial(400, 0.5): 200 +- 10; these bounds are six deviations wide.
     assert 140 <= traced <= 260
@@ -708,6 +705,28 @@ def test_an_unsampled_transaction_gets_its_span_when_something_is_found(
     del user
 
 
+def _two_guards(db: Any, otel: Otel) -> list[tuple[Any, Any]]:
+    """Two engines, each with a guard, both on the same SDK providers."""
+    guarded = []
+    for _ in range(2):
+        engine = db.engine()
+        guard = install_guard(
+            engine,
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        guarded.append((engine, guard))
+    return guarded
+
+
+def _transactions(engine: Any, count: int) -> None:
+    """*count* transactions of one get() each, in new sessions."""
+    for _ in range(count):
+        with Session(engine) as session:
+            session.get(User, 1)
+            session.commit()
+
+
 def test_the_transaction_counter_is_one_for_every_guard_and_never_goes_back(
     sqlite_db, seed, otel
 ):
@@ -718,30 +737,17 @@ def test_the_transaction_counter_is_one_for_every_guard_and_never_goes_back(
     takes a count back.
     """
     seed(sqlite_db)
-    first_engine, second_engine = sqlite_db.engine(), sqlite_db.engine()
-    providers = {
-        "tracer_provider": otel.tracer_provider,
-        "meter_provider": otel.meter_provider,
-    }
-    first = install_guard(first_engine, **providers)
-    second = install_guard(second_engine, **providers)
-
-    def transactions(engine: Any, count: int) -> None:
-        for _ in range(count):
-            with Session(engine) as session:
-                session.get(User, 1)
-                session.commit()
-
-    transactions(first_engine, 3)
-    transactions(second_engine, 2)
+    (first_engine, first), (second_engine, second) = _two_guards(sqlite_db, otel)
+    _transactions(first_engine, 3)
+    _transactions(second_engine, 2)
     assert _transactions_counted(otel) == {"commit": 5}
     first.uninstall()
-    transactions(first_engine, 1)  # not guarded any more
-    transactions(second_engine, 1)
+    _transactions(first_engine, 1)  # not guarded any more
+    _transactions(second_engine, 1)
     assert _transactions_counted(otel) == {"commit": 6}
     second.clear()
     assert second.stats().transactions == 0
-    transactions(second_engine, 1)
+    _transactions(second_engine, 1)
     assert second.stats().transactions == second.stats().commits == 1
     assert _transactions_counted(otel) == {"commit": 7}
     [transactions_metric] = [
@@ -795,18 +801,9 @@ def test_an_uninstall_while_the_transaction_counter_is_read_waits_for_it(
     import threading
 
     seed(sqlite_db)
-    first_engine, second_engine = sqlite_db.engine(), sqlite_db.engine()
-    providers = {
-        "tracer_provider": otel.tracer_provider,
-        "meter_provider": otel.meter_provider,
-    }
-    first = install_guard(first_engine, **providers)
-    second = install_guard(second_engine, **providers)
-    for engine, count in ((first_engine, 2), (second_engine, 3)):
-        for _ in range(count):
-            with Session(engine) as session:
-                session.get(User, 1)
-                session.commit()
+    (first_engine, first), (second_engine, second) = _two_guards(sqlite_db, otel)
+    _transactions(first_engine, 2)
+    _transactions(second_engine, 3)
     source = first._telemetry.transaction_counts
     assert source is not None
 
