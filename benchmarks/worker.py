@@ -79,12 +79,16 @@ class Worker:
         else:
             self.engine = create_engine(url)  # run.py made the data
         self.installed: Installed = CONFIGURATIONS[configuration].install(self.engine)
-        # Seed the guard's sampler where it has one that can be seeded, so
-        # that --calls counts the same sampled statements in every run.
-        # (Best effort: a private attribute of today's Guard.)
-        sampler = getattr(self.installed.guard, "_random", None)
-        if isinstance(sampler, random.Random):
-            sampler.seed(20240610)
+        # Seed the guard's samplers where there are ones that can be seeded,
+        # so that the counts see the same sampled statements in every run.
+        # (Best effort: private attributes of today's guard.)
+        stale = sys.modules.get("sessionguard._stale")
+        for sampler in (
+            getattr(self.installed.guard, "_random", None),
+            getattr(getattr(stale, "_hooks", None), "random", None),
+        ):
+            if isinstance(sampler, random.Random):
+                sampler.seed(20240610)
         self.regions = 0
         """Callgrind regions run so far (``instructions``)."""
 

@@ -28,7 +28,6 @@ __all__ = ["ReadListeners"]
 
 
 _BINDS = _stale.BINDS
-_NO_ARGUMENTS: dict[str, Any] = {}
 
 
 class ReadListeners(TransactionListeners, _stale.ReadObserver):
@@ -46,8 +45,10 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             if self._engine_scoped and (
                 session.bind is not state.bind
                 or getattr(session, _BINDS, True)
-                or (kwargs.get("bind_arguments") or _NO_ARGUMENTS).get("bind")
-                is not None
+                or (
+                    (given := kwargs.get("bind_arguments")) is not None
+                    and given.get("bind") is not None
+                )
             ):
                 bind = self._statement_bind(session, statement, kwargs)
                 if not self._on_engine(bind):
@@ -76,14 +77,25 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             if not self._installed or not self._target.covers(session):
                 return
             if self._engine_scoped:
-                bind = self._statement_bind(session, statement, kwargs)
-                if not self._on_engine(bind):
+                bind: Any = session.bind
+                given = kwargs.get("bind_arguments")
+                # One bind that nothing else can override (the common case):
+                # no get_bind() call, and remembered for the next statements.
+                plain = (
+                    bind is not None
+                    and not (given and given.get("bind") is not None)
+                    and type(session).get_bind is Session.get_bind
+                    and not getattr(session, _BINDS, True)
+                )
+                if not plain:
+                    bind = self._statement_bind(session, statement, kwargs)
+                if bind.engine is not self._engine_ref():
                     return
+                state = self._state(session)
+                if plain:
+                    state.bind = bind
             else:
-                bind = None
-            state = self._state(session)
-            if bind is not None:
-                self._remember_bind(session, state, bind, kwargs)
+                state = self._state(session)
         except (StaleReadError, Warning):
             raise
         except Exception as error:  # noqa: BLE001 - fail open, by design
@@ -192,11 +204,16 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
         except Exception as error:  # noqa: BLE001 - fail open, by design
             self._internal_error("identity_hit", error)
 
-    def samples_statement(self) -> bool:
-        # Asked first, before the statement is looked at: an unsampled
-        # statement costs one random number.
+    def statement_rate(self) -> float:
+        return self._sample_rate if self._detect and self._statements_hooked else 0.0
+
+    def samples_statement(self, given: float) -> bool:
+        # Asked once the hook's coin let the statement through with
+        # probability *given*: this guard takes rate / given of those.
         rate = self._sample_rate
-        return self._detect and (rate >= 1.0 or self._random.random() < rate)
+        if not self._detect or rate <= 0.0:
+            return False
+        return rate >= given or self._random.random() * given < rate
 
     def covers_statement(self, session: Session, connection: Connection) -> bool:
         try:

@@ -113,6 +113,8 @@ class _Hooks:
         self.lock = threading.RLock()
         self.users = 0
         self.observers: tuple[SessionObserver, ...] = ()
+        self.several = False
+        """More than one observer: a session may be watched by some only."""
         self.originals: dict[str, Callable[..., Any]] = {}
         self.wrappers: dict[str, Callable[..., Any]] = {}
 
@@ -250,7 +252,7 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
                 for observer, state in guards:
                     # Fail-open by itself; raises only what is asked for.
                     observer.statement_executing(self, state, statement, kwargs)
-                if len(guards) < len(_hooks.observers):
+                if _hooks.several and len(guards) < len(_hooks.observers):
                     _unwatched(self, statement, kwargs, guards)
             return original(self, statement, *args, **kwargs)
         finally:
@@ -346,6 +348,7 @@ def acquire(observer: SessionObserver) -> None:
                 setattr(Session, name, wrapper)
         _hooks.users += 1
         _hooks.observers = (*_hooks.observers, observer)
+        _hooks.several = len(_hooks.observers) > 1
 
 
 def _reaches(function: Any, wrapper: Any) -> bool:
@@ -373,6 +376,7 @@ def release(observer: SessionObserver) -> None:
     """Undo :func:`acquire`; the wrappers go with the last guard."""
     with _hooks.lock:
         _hooks.observers = tuple(o for o in _hooks.observers if o is not observer)
+        _hooks.several = len(_hooks.observers) > 1
         _hooks.users -= 1
         if _hooks.users == 0:
             # A caller that looked a wrapper up before this point still

@@ -19,6 +19,7 @@ import functools
 import inspect
 import itertools
 import operator
+import random
 import threading
 import weakref
 from collections.abc import Iterable
@@ -891,8 +892,16 @@ def _autocommit(connection: Connection) -> bool:
 class ReadObserver:
     """A guard, as the process-wide read hooks see it."""
 
-    def samples_statement(self) -> bool:
-        """Whether to check the next ORM statement it covers (the sampling)."""
+    def statement_rate(self) -> float:
+        """The fraction of ORM statements it checks (0.0: none)."""
+        raise NotImplementedError
+
+    def samples_statement(self, given: float) -> bool:
+        """
+        Whether to check the next ORM statement it covers, knowing that the
+        hook's own coin passed it with probability *given* (the highest
+        statement rate of all guards).
+        """
         raise NotImplementedError
 
     def covers_statement(self, session: Session, connection: Connection) -> bool:
@@ -926,9 +935,22 @@ class _Hooks:
         self.observers: tuple[ReadObserver, ...] = ()
         self.original_identity_lookup: Any = None
         self.original_instances: Any = None
+        # The highest statement sample rate of the guards, and a coin for it:
+        # an ORM statement no guard samples costs one random number here.
+        self.statement_rate = 0.0
+        self.random = random.Random()
 
 
 _hooks = _Hooks()
+
+
+def _update_statement_rate() -> None:
+    """Recompute _hooks.statement_rate (lock held)."""
+    _hooks.statement_rate = max(
+        (observer.statement_rate() for observer in _hooks.observers), default=0.0
+    )
+
+
 _END = object()
 # What a guard raises on purpose through a hook: on_stale="raise", and
 # on_stale="warn" under warnings turned into errors. Everything else fails open.
@@ -945,11 +967,15 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     moment the caller fetches them.
     """
     original = _hooks.original_instances
+    # Sampling first: an unsampled statement is not looked at. One coin for
+    # the highest rate, then each guard's share of what it let through.
+    given = _hooks.statement_rate
+    if given < 1.0 and (given <= 0.0 or _hooks.random.random() >= given):
+        return original(cursor, context)
     sampled: list[ReadObserver] | None = None
     try:
-        # Sampling first: an unsampled statement is not looked at.
         for observer in _hooks.observers:
-            if observer.samples_statement():
+            if observer.samples_statement(given):
                 if sampled is None:
                     sampled = [observer]
                 else:
@@ -1234,6 +1260,7 @@ def acquire_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
                 loading.instances = _guarded_instances
             _hooks.statement_users += 1
         _hooks.observers = (*_hooks.observers, observer)
+        _update_statement_rate()
 
 
 def hooks_in_place() -> bool:
@@ -1245,6 +1272,7 @@ def release_hooks(observer: ReadObserver, *, statements: bool = True) -> None:
     """Undo :func:`acquire_hooks` once the last guard is gone."""
     with _hooks.lock:
         _hooks.observers = tuple(o for o in _hooks.observers if o is not observer)
+        _update_statement_rate()
         _hooks.users -= 1
         if _hooks.users == 0 and _hooks.original_identity_lookup is not None:
             Session._identity_lookup = _hooks.original_identity_lookup  # type: ignore[method-assign]

@@ -69,8 +69,22 @@ class TransactionListeners(ConnectionListeners):
             ):
                 # Only what can be recorded is measured: with OpenTelemetry's
                 # no-op providers and debug logging off, a transaction costs
-                # the counts above and nothing else.
-                self._begin_telemetry(session, connection, state, size)
+                # the counts above and nothing else. The start is for the
+                # duration, and for the span of an unsampled transaction in
+                # which something is found (_span_of).
+                state.began_at = time.perf_counter()
+                state.namespace = connection.engine.url.database
+                # A transaction is traced (its span and its two histograms)
+                # when sampled; the transaction counter counts every one,
+                # from the sessions' own counts.
+                rate = self._sample_rate
+                sampled = state.sampled = rate >= 1.0 or (
+                    rate > 0.0 and self._random.random() < rate
+                )
+                if sampled or telemetry.debug_on:
+                    state.span = telemetry.transaction_begun(
+                        session.hash_key, size, sampled
+                    )
             if connection is session.bind:
                 # A session bound to a Connection (the test-suite pattern that
                 # joins an outer transaction): user code holds that connection.
@@ -83,25 +97,6 @@ class TransactionListeners(ConnectionListeners):
             raise  # asked for (warnings as errors)
         except Exception as error:  # noqa: BLE001 - fail open, by design
             self._internal_error("_after_begin", error)
-
-    def _begin_telemetry(
-        self, session: Session, connection: Connection, state: SessionState, size: int
-    ) -> None:
-        # The start, for the duration and for the span of an unsampled
-        # transaction in which something is found (_span_of).
-        state.began_at = time.perf_counter()
-        # A transaction is traced (its span and its two histograms) when
-        # sampled; the transaction counter counts every one, from the
-        # sessions' own counts. An unsampled one costs this and nothing else.
-        rate = self._sample_rate
-        sampled = state.sampled = rate >= 1.0 or (
-            rate > 0.0 and self._random.random() < rate
-        )
-        # For the span, also one made later for a finding (_span_of).
-        state.namespace = connection.engine.url.database
-        telemetry = self._telemetry
-        if sampled or telemetry.debug_on:
-            state.span = telemetry.transaction_begun(session.hash_key, size, sampled)
 
     def _tracked(self, session: Session) -> SessionState | None:
         """The session's state if its current root transaction is tracked."""

@@ -201,3 +201,25 @@ def test_a_wrapper_around_the_statement_hook_is_kept_and_not_wrapped_again(
         second.uninstall()
     finally:
         Session._execute_internal = _ORIGINAL_EXECUTE  # type: ignore[method-assign]
+
+
+def test_each_guard_samples_statements_at_its_own_rate(sqlite_db, seed):
+    """
+    Two guards, at 0.5 and 0.2, on the same hits: each checks about its own
+    share of the statements (the statement hook's one coin is for the highest
+    rate, each guard then takes its part of what it let through).
+    """
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    half = install_guard(engine, sample_rate=0.5)
+    fifth = install_guard(None, sample_rate=0.2)
+    session = Session(engine, expire_on_commit=False)
+    user = session.scalars(select(User)).one()
+    session.commit()
+    for _ in range(600):
+        assert session.scalars(select(User)).one() is user  # a hit each time
+    session.close()
+    # Binomial(600, p): these bounds are about six deviations wide.
+    assert 225 <= half.stats().verified_objects <= 375
+    assert 60 <= fifth.stats().verified_objects <= 180
+    assert half.stats().identity_map_hits == half.stats().verified_objects
