@@ -50,10 +50,11 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
                     and given.get("bind") is not None
                 )
             ):
-                bind = self._statement_bind(session, statement, kwargs)
+                bind, plain = self._statement_bind(session, statement, kwargs)
                 if not self._on_engine(bind):
                     return  # another engine's statement
-                self._remember_bind(session, state, bind, kwargs)
+                if plain:
+                    state.bind = bind  # next time, the one comparison above
             state.statements += 1
             size = len(session.identity_map._dict)
             if size > state.max_identity_map_size:  # noqa: PLR1730 - no call
@@ -77,23 +78,12 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             if not self._installed or not self._target.covers(session):
                 return
             if self._engine_scoped:
-                bind: Any = session.bind
-                given = kwargs.get("bind_arguments")
-                # One bind that nothing else can override (the common case):
-                # no get_bind() call, and remembered for the next statements.
-                plain = (
-                    bind is not None
-                    and not (given and given.get("bind") is not None)
-                    and type(session).get_bind is Session.get_bind
-                    and not getattr(session, _BINDS, True)
-                )
-                if not plain:
-                    bind = self._statement_bind(session, statement, kwargs)
-                if bind.engine is not self._engine_ref():
+                bind, plain = self._statement_bind(session, statement, kwargs)
+                if not self._on_engine(bind):
                     return
                 state = self._state(session)
                 if plain:
-                    state.bind = bind
+                    state.bind = bind  # its next statements: one comparison
             else:
                 state = self._state(session)
         except (StaleReadError, Warning):
@@ -102,22 +92,6 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             self._internal_error("unwatched_statement", error)
             return
         self.statement_executing(session, state, statement, kwargs)
-
-    @staticmethod
-    def _remember_bind(
-        session: Session, state: SessionState, bind: object, kwargs: Any
-    ) -> None:
-        """
-        Next time, one comparison: the same session.bind, and nothing (bind=,
-        per-mapper binds, an overridden get_bind()) choosing another.
-        """
-        given = kwargs.get("bind_arguments")
-        if (
-            bind is session.bind
-            and not (given and given.get("bind") is not None)
-            and type(session).get_bind is Session.get_bind
-        ):
-            state.bind = bind
 
     def _check_statement_write(
         self, session: Session, statement: Any, kwargs: Any
@@ -143,12 +117,16 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
     @staticmethod
     def _statement_bind(
         session: Session, statement: Any, kwargs: Any
-    ) -> Engine | Connection:
-        """Where the statement will run, asking get_bind() only when needed."""
+    ) -> tuple[Engine | Connection, bool]:
+        """
+        (where the statement will run, asking get_bind() only when needed;
+        whether that is session.bind and nothing can choose another: no
+        bind=, no per-mapper binds, get_bind() not overridden).
+        """
         given = kwargs.get("bind_arguments")
         bind = given.get("bind") if given else None
         if bind is not None:
-            return bind  # type: ignore[no-any-return]
+            return bind, False
         # A session with one bind answers without calling get_bind(), which
         # a subclass may override (sharding chooses a shard there).
         if (
@@ -156,7 +134,7 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
             and type(session).get_bind is Session.get_bind
             and not getattr(session, _BINDS, True)  # per-mapper/table binds
         ):
-            return session.bind
+            return session.bind, True
         # The arguments SQLAlchemy's _execute_internal() gives get_bind().
         arguments = dict(given) if given else {}
         resolved = getattr(statement, "_resolved", statement)
@@ -168,7 +146,7 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
                 arguments["mapper"] = subject.mapper
         else:
             arguments.setdefault("clause", resolved)
-        return session.get_bind(**arguments)
+        return session.get_bind(**arguments), False
 
     def covers_lookup(self, session: Session, mapper: Mapper[Any]) -> bool:
         # Sampling first; an unsampled lookup outside a request context (where
