@@ -120,7 +120,7 @@ class ConnectionListeners(GuardCore):
         state = self._sessions.get(session.hash_key)
         if state is None or state.transaction is None or state.cross_thread_reported:
             return
-        state.cross_thread_reported = True
+        state.cross_thread_reported = state.noted = True
         self._cross_thread(session, first_thread)
 
     @fail_open
@@ -262,6 +262,7 @@ class ConnectionListeners(GuardCore):
             elif (table, statement) in reported:
                 return
             reported.add((table, statement))
+            tracked.noted = True
         entities: dict[str, int] = {}
         for state in session.identity_map.all_states():
             mapper: Mapper[Any] = state.mapper

@@ -225,6 +225,7 @@ class SessionState:
         "identity_map",
         "max_identity_map_size",
         "namespace",
+        "noted",
         "reported_writes",
         "request",
         "rollbacks",
@@ -257,6 +258,10 @@ class SessionState:
         # engine filter is then one comparison.
         self.bind: object = _NOT_CHECKED
         self.cross_thread_reported = False
+        # Whether the current transaction has anything of its own to forget
+        # at the next begin (cross_thread_reported, stale_reads,
+        # reported_writes): one test per begin instead of three resets.
+        self.noted = False
         # The map at begin (close() swaps in an empty one before the
         # transaction ends) and the most objects seen at a statement: the
         # size reported is the most the session held, in O(1).
@@ -466,8 +471,17 @@ class GuardCore(_session_hooks.SessionObserver):
             self._sessions.clear()
             counters.fold()
 
-    def _session_changed_dialect(self, state: SessionState, dialect: Any) -> None:
-        """*state*'s next transaction runs on *dialect*: count it under its system."""
+    def _session_changed_dialect(
+        self, state: SessionState, connection: Connection
+    ) -> None:
+        """
+        *state*'s next transaction runs on *connection*'s dialect: count it
+        under its system. (An engine's dialect is its own, shared only with
+        the engines execution_options() derives from it, which have its URL:
+        the span's db.namespace is known here too.)
+        """
+        dialect = connection.dialect
+        state.namespace = connection.engine.url.database
         if state.dialect is None:  # the session's first transaction
             state.dialect = dialect
             state.system = self._system_name(dialect)
@@ -557,6 +571,7 @@ class GuardCore(_session_hooks.SessionObserver):
             counters.add("stale_reads")
             if state is not None and state.transaction is not None:
                 state.stale_reads += 1
+                state.noted = True
             self._record(finding, state, system)
         if raise_stale and self._config.on_stale == "raise" and not self._raise_excused:
             error = StaleReadError(findings[0])

@@ -152,10 +152,8 @@ class ReadListeners(TransactionListeners, _stale.ReadObserver):
         # Sampling first; an unsampled lookup outside a request context (where
         # nothing else is looked at) costs one random number at most.
         try:
-            rate = self._sample_rate
-            sampled = self._detect and (
-                rate >= 1.0 or (rate > 0.0 and self._random.random() < rate)
-            )
+            # random() is in [0, 1): at 1.0 every lookup, at 0.0 none.
+            sampled = self._detect and self._random.random() < self._sample_rate
             request = _current_request.get()
             if not sampled and request is None:
                 return False

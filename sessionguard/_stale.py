@@ -969,8 +969,9 @@ def _guarded_instances(cursor: Any, context: Any) -> Any:
     original = _hooks.original_instances
     # Sampling first: an unsampled statement is not looked at. One coin for
     # the highest rate, then each guard's share of what it let through.
+    # (random() is in [0, 1): at 1.0 every statement passes, at 0.0 none.)
     given = _hooks.statement_rate
-    if given < 1.0 and (given <= 0.0 or _hooks.random.random() >= given):
+    if _hooks.random.random() >= given:
         return original(cursor, context)
     sampled: list[ReadObserver] | None = None
     try:

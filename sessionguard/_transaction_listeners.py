@@ -46,13 +46,14 @@ class TransactionListeners(ConnectionListeners):
             if tracked is not None and tracked() is transaction:
                 return  # a second bind joining the same transaction
             if connection.dialect is not state.dialect:
-                self._session_changed_dialect(state, connection.dialect)
+                self._session_changed_dialect(state, connection)
             state.transaction = weakref.ref(transaction)
             state.transactions += 1
-            state.cross_thread_reported = False
-            state.stale_reads = 0
-            if state.reported_writes:
-                state.reported_writes.clear()
+            if state.noted:  # what the last transaction noted, forgotten
+                state.noted = state.cross_thread_reported = False
+                state.stale_reads = 0
+                if state.reported_writes:
+                    state.reported_writes.clear()
             identity_map = state.identity_map = session.identity_map
             size = state.max_identity_map_size = len(identity_map._dict)
             telemetry = self._telemetry
@@ -73,14 +74,11 @@ class TransactionListeners(ConnectionListeners):
                 # duration, and for the span of an unsampled transaction in
                 # which something is found (_span_of).
                 state.began_at = time.perf_counter()
-                state.namespace = connection.engine.url.database
                 # A transaction is traced (its span and its two histograms)
                 # when sampled; the transaction counter counts every one,
-                # from the sessions' own counts.
-                rate = self._sample_rate
-                sampled = state.sampled = rate >= 1.0 or (
-                    rate > 0.0 and self._random.random() < rate
-                )
+                # from the sessions' own counts. random() is in [0, 1): at
+                # 1.0 every transaction is sampled, at 0.0 none.
+                sampled = state.sampled = self._random.random() < self._sample_rate
                 if sampled or telemetry.debug_on:
                     state.span = telemetry.transaction_begun(
                         session.hash_key, size, sampled
@@ -115,15 +113,13 @@ class TransactionListeners(ConnectionListeners):
     def _after_commit(self, session: Session) -> None:
         try:
             state = self._sessions.get(session.hash_key)
-            if state is None or state.transaction is None:
+            if state is None:
                 return
-            root = session._transaction
-            if (
-                session._nested_transaction is not None  # a SAVEPOINT ending
-                or root is None
-                or root._parent is not None
-                or state.transaction() is not root
-            ):
+            tracked = state.transaction
+            # The tracked transaction is a root one: it is the session's
+            # current transaction only when no SAVEPOINT (nor subtransaction)
+            # is open, which is the plain commit of the whole transaction.
+            if tracked is None or tracked() is not session._transaction:
                 state = self._tracked(session)  # the general case
                 if state is None:
                     return
@@ -168,25 +164,39 @@ class TransactionListeners(ConnectionListeners):
     def _finish(self, session: Session, state: SessionState, outcome: str) -> None:
         """The end of a tracked transaction, counted by the caller."""
         state.transaction = None
-        size = len(session.identity_map._dict)
+        identity_map = session.identity_map
+        size = len(identity_map._dict)
         if state.max_identity_map_size > size:  # noqa: PLR1730 - no call
             size = state.max_identity_map_size
-        held, state.identity_map = state.identity_map, None
-        if held is not None and held is not session.identity_map:
-            size = max(size, len(held._dict))
+        held = state.identity_map
+        if held is not identity_map:
+            # close() swapped in an empty map before ending the transaction
+            # (or expunge_all() ran in it): the map held from begin is the
+            # one that was filled. Let it go now; the session's own map is
+            # held until the next begin or until the session is collected.
+            state.identity_map = None
+            if held is not None:
+                size = max(size, len(held._dict))
         if size > self._counters.max_identity_map_size:
             self._counters.raise_max(size)
+        statements = state.statements
         began_at = state.began_at
-        statements = state.statements - state.statements_at_begin
-        state.statements_at_begin = state.statements
         if not began_at:
+            state.statements_at_begin = statements
             return  # nothing could record this transaction when it began
         state.began_at = 0.0
         span = state.span
         telemetry = self._telemetry
-        if span is None and not state.sampled and not telemetry.debug_on:
-            return  # counted by the session; nothing traced, nothing logged
+        if span is None and not telemetry.debug_on:
+            # Not sampled (a sampled transaction has its span), no late span,
+            # nothing logged: counted by the session, nothing else to do.
+            state.statements_at_begin = statements
+            return
         state.span = None
+        statements, state.statements_at_begin = (
+            statements - state.statements_at_begin,
+            statements,
+        )
         telemetry.transaction_ended(
             span,
             state.sampled,

@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.orm import Session
 
-from sessionguard import StaleReadError, install_guard
+from sessionguard import Guard, StaleReadError, install_guard
 from sessionguard._version import __version__
 
 from .models import Address, User
@@ -32,6 +32,15 @@ class Otel:
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def install(self, target: Any, **options: Any) -> Guard:
+        """install_guard(target) exporting to these providers."""
+        return install_guard(
+            target,
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            **options,
+        )
 
     def spans(self, name: str = "session transaction") -> list[Any]:
         return [s for s in self.exporter.get_finished_spans() if s.name == name]
@@ -76,11 +85,7 @@ def test_transaction_span_shape(db, seed, otel):
     """One INTERNAL 'session transaction' span per transaction, child of the current span."""
     seed(db)
     engine = db.engine()
-    install_guard(
-        engine,
-        tracer_provider=otel.tracer_provider,
-        meter_provider=otel.meter_provider,
-    )
+    otel.install(engine)
     tracer = otel.tracer_provider.get_tracer("test")
     session = Session(engine, expire_on_commit=False)
     with tracer.start_as_current_span("request") as request_span:
@@ -115,12 +120,7 @@ def test_stale_read_span_event_and_error_status(db, seed, otel):
     """A stale read adds a span event; a raised StaleReadError sets status ERROR."""
     seed(db)
     engine = db.engine()
-    install_guard(
-        engine,
-        on_stale="raise",
-        tracer_provider=otel.tracer_provider,
-        meter_provider=otel.meter_provider,
-    )
+    otel.install(engine, on_stale="raise")
     session = Session(engine, expire_on_commit=False)
     user = _stale_workload(db, session)
     with pytest.raises(StaleReadError):
@@ -146,6 +146,49 @@ def test_stale_read_span_event_and_error_status(db, seed, otel):
             assert "alice" not in str(value)
     session.close()
     del user
+
+
+def test_a_transactions_stale_reads_are_its_own(sqlite_db, seed, otel):
+    """The span of the transaction after a stale read counts none of it."""
+    seed(sqlite_db)
+    engine = sqlite_db.engine()
+    otel.install(engine)
+    session = Session(engine, expire_on_commit=False)
+    user = _stale_workload(sqlite_db, session)
+    [read] = session.scalars(select(User)).all()
+    assert read.name == "alice"  # the stale value, as without the guard
+    session.commit()
+    session.scalars(select(Address)).all()  # no identity-map hit
+    session.commit()
+    assert [span.attributes["sessionguard.stale_reads"] for span in otel.spans()] == [
+        0,
+        1,
+        0,
+    ]
+    session.close()
+    del user
+
+
+def test_db_namespace_follows_the_session_from_engine_to_engine(tmp_path, otel):
+    """A session rebound to another database: each span names its own."""
+    engines = [create_engine(f"sqlite:///{tmp_path / name}.db") for name in "ab"]
+    guard = otel.install(None)
+    try:
+        session = Session(engines[0])
+        for engine in (*engines, engines[0]):
+            session.bind = engine
+            session.execute(text("SELECT 1"))
+            session.commit()
+        session.close()
+    finally:
+        guard.uninstall()
+        for engine in engines:
+            engine.dispose()
+    assert [span.attributes["db.namespace"] for span in otel.spans()] == [
+        str(tmp_path / "a.db"),
+        str(tmp_path / "b.db"),
+        str(tmp_path / "a.db"),
+    ]
 
 
 def test_identity_in_span_event_only_with_log_values(sqlite_db, seed, otel):
