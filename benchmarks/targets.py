@@ -164,7 +164,12 @@ TARGETS: tuple[Target, ...] = (
     *(
         Target(
             f"W2 {configuration}: 10,000 vs 10 objects held, ratios within 5 %",
-            None,
+            # Issue 10 sets its targets on in-memory SQLite (PostgreSQL's has
+            # its own line). Over loopback the two medians compared here each
+            # move by more than 5 % from run to run on a shared machine, with
+            # the bytecodes the guard adds identical at both sizes (--opcodes):
+            # run.py prints the PostgreSQL drift, it does not judge it.
+            "sqlite",
             _size_drift(configuration),
             _constant(0.05),
             unit="|r10k/r10 - 1|",
