@@ -179,24 +179,18 @@ class TransactionListeners(ConnectionListeners):
                 size = max(size, len(held._dict))
         if size > self._counters.max_identity_map_size:
             self._counters.raise_max(size)
-        statements = state.statements
-        began_at = state.began_at
-        if not began_at:
-            state.statements_at_begin = statements
-            return  # nothing could record this transaction when it began
-        state.began_at = 0.0
+        began_at, state.began_at = state.began_at, 0.0
         span = state.span
         telemetry = self._telemetry
-        if span is None and not telemetry.debug_on:
-            # Not sampled (a sampled transaction has its span), no late span,
-            # nothing logged: counted by the session, nothing else to do.
-            state.statements_at_begin = statements
+        if not began_at or (span is None and not telemetry.debug_on):
+            # Nothing could record it when it began; or it was not sampled (a
+            # sampled transaction has its span), has no late span and nothing
+            # is logged: counted by the session, nothing else to do.
+            state.statements_at_begin = state.statements
             return
         state.span = None
-        statements, state.statements_at_begin = (
-            statements - state.statements_at_begin,
-            statements,
-        )
+        statements = state.statements - state.statements_at_begin
+        state.statements_at_begin = state.statements
         telemetry.transaction_ended(
             span,
             state.sampled,
